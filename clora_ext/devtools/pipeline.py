@@ -1,0 +1,180 @@
+"""A small text-to-image loop over the tiny model: the harness for tests, the demo and the benchmark.
+
+It plays the host's part: encodes prompt variants (each with its LoRA's text
+encoder part routed to its row), and runs a first-order sampler (k-diffusion Euler
+or DDIM) whose denoiser either runs the plain model or hands each step to the
+CLoRA engine, exactly as the A1111 glue does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..concepts import Composition, Concept
+from ..engine import CLoRAEngine, EngineHooks, EngineSettings, LoRAUse, RowLayout
+from ..lora_file import MappedLoRA
+from ..routing import Route, RowRouter
+from ..tokens import BPEChunkTokenizer, pad_chunks, plan_token_maps
+from ..update import DDPMSpace, SigmaSpace
+from .tiny_sd import BOS, EOS, clip_bpe, encode_text_batch
+
+
+class NoiseSchedule:
+    """Stable Diffusion's scaled-linear schedule, 1000 training timesteps."""
+
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, timesteps: int = 1000):
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        self.log_sigmas = self.sigmas.log()
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        """Evenly spaced timesteps from 999 down to 0."""
+        return torch.linspace(len(self.sigmas) - 1, 0, steps, dtype=torch.float64).round()
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous timestep of a sigma (interpolated in log sigma, as k-diffusion does)."""
+        log_sigma = sigma.double().log()
+        idx = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.log_sigmas) - 1)
+        lo, hi = self.log_sigmas[idx - 1], self.log_sigmas[idx]
+        w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+        return (idx - 1 + w).float()
+
+
+@dataclass
+class TinySD:
+    """A text encoder + UNet pair with the chunked CLIP prompt encoding SD uses."""
+
+    unet: nn.Module
+    text_encoder: nn.Module
+    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+
+    def __post_init__(self):
+        self.tokenizer = BPEChunkTokenizer(clip_bpe().encode)
+
+    def encode(self, prompts: Sequence[str], te_routes: Sequence[Route] = ()) -> torch.Tensor:
+        """(N, 77*n, D) conditioning; ``te_routes`` route text-encoder LoRAs to prompt rows."""
+        chunked = [self.tokenizer.chunks(p) for p in prompts]
+        n = max(len(c) for c in chunked)
+        chunked = [c + [[]] * (n - len(c)) for c in chunked]
+        ids = [pad_chunks(c, BOS, EOS) for c in chunked]
+        router = RowRouter(self.text_encoder)
+        with router.routed(te_routes, len(prompts)):
+            return encode_text_batch(self.text_encoder, ids)
+
+
+@dataclass
+class ConceptLoRA:
+    """A concept with its LoRA already mapped onto the model's modules."""
+
+    concept: Concept
+    lora: MappedLoRA
+
+
+def prepare_clora(
+    model: TinySD,
+    prompt: str,
+    negative: str,
+    concepts: Sequence[ConceptLoRA],
+) -> tuple[torch.Tensor, torch.Tensor, list[list[LoRAUse]], list]:
+    """Variant conds/unconds (V, T, D), per-variant UNet LoRA lists and token maps."""
+    by_lora = {c.concept.lora: c.lora for c in concepts}
+    composition = Composition.from_concepts([c.concept for c in concepts])
+    variants = composition.variants(prompt)
+    unet_loras: list[list[LoRAUse]] = []
+    te_routes: list[Route] = []
+    for v in variants:
+        uses = [composition.content[v.concept]] if v.concept is not None else []
+        uses += composition.styles_for_variant(v)
+        unet_loras.append([LoRAUse(c.lora, by_lora[c.lora].unet, c.weight) for c in uses])
+        te_routes += [Route(by_lora[c.lora].text_encoder, [v.index], c.te_weight, c.lora) for c in uses]
+    n = len(variants)
+    # cond rows 0..V-1, then each variant's negative prompt under the same LoRA set
+    te_routes_all = te_routes + [Route(r.deltas, [i + n for i in r.rows], r.multiplier, r.name) for r in te_routes]
+    encoded = model.encode([v.prompt for v in variants] + [negative] * n, te_routes_all)
+    token_maps = plan_token_maps(composition, variants, model.tokenizer)
+    return encoded[:n], encoded[n:], unet_loras, token_maps
+
+
+def generate(
+    model: TinySD,
+    prompt: str,
+    negative: str = "",
+    *,
+    seed: int = 0,
+    steps: int = 20,
+    sampler: str = "euler",
+    cfg_scale: float = 7.0,
+    latent_hw: tuple[int, int] = (16, 16),
+    batch_size: int = 1,
+    concepts: Sequence[ConceptLoRA] = (),
+    settings: EngineSettings = EngineSettings(),
+    hooks: EngineHooks | None = None,
+    on_step: Callable[[int, CLoRAEngine | None], None] | None = None,
+    allow_update: bool = True,
+) -> tuple[torch.Tensor, CLoRAEngine | None]:
+    """Sample a latent. With ``concepts``, every step goes through the CLoRA engine."""
+    if sampler not in ("euler", "ddim"):
+        raise ValueError(f"unknown sampler {sampler!r}")
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((batch_size, 4, *latent_hw), generator=gen)
+    sched = model.schedule
+    timesteps = sched.timesteps(steps)
+    sigmas = torch.cat([sched.sigmas[timesteps.long()], torch.zeros(1, dtype=torch.float64)]).float()
+
+    if concepts:
+        cond, uncond, unet_loras, token_maps = prepare_clora(model, prompt, negative, concepts)
+    else:
+        cond, uncond = model.encode([prompt]), model.encode([negative])
+        unet_loras, token_maps = [[]], []
+
+    def eps_model(x_rows: torch.Tensor, layout: RowLayout, t: torch.Tensor, c_in: float) -> torch.Tensor:
+        context = torch.where(layout.uncond[:, None, None], uncond[layout.variant], cond[layout.variant])
+        return model.unet(x_rows * c_in, t.expand(len(layout)), context=context)
+
+    x = noise * sigmas[0] if sampler == "euler" else noise
+    engine = CLoRAEngine(model.unet, unet_loras, token_maps, settings, hooks) if concepts else None
+    with engine if engine is not None else contextlib.nullcontext():
+        for i in range(steps):
+            sigma = sigmas[i]
+            if sampler == "euler":
+                t = sched.sigma_to_t(sigma.reshape(1))
+                c_in = float((sigma**2 + 1) ** -0.5)
+                space = SigmaSpace(sigma.reshape(1))
+            else:
+                t = timesteps[i].float().reshape(1)
+                c_in = 1.0
+                space = DDPMSpace()
+
+            def row_model(x_rows, layout, t=t, c_in=c_in):
+                return eps_model(x_rows, layout, t, c_in)
+
+            if engine is not None:
+                out = engine.step(x, i, steps, space, row_model, allow_update=allow_update)
+                e_cond, e_uncond = out.cond, out.uncond
+            else:
+                layout = RowLayout.build(batch_size, 1, with_uncond=True)
+                with torch.no_grad():
+                    e = row_model(x.index_select(0, layout.image), layout)
+                e_cond, e_uncond = e[:batch_size], e[batch_size:]
+            eps = e_uncond + cfg_scale * (e_cond - e_uncond)
+            with torch.no_grad():
+                if sampler == "euler":
+                    # d = (x - x0) / sigma = eps for an eps-prediction model
+                    x = x + eps * (sigmas[i + 1] - sigma)
+                else:
+                    a = sched.alphas_cumprod[timesteps[i].long()].float()
+                    a_prev = (
+                        sched.alphas_cumprod[timesteps[i + 1].long()].float() if i + 1 < steps else torch.tensor(1.0)
+                    )
+                    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+                    x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            if on_step is not None:
+                on_step(i, engine)
+    return x, engine

@@ -1,0 +1,337 @@
+"""The per-step CLoRA engine: one object ties variants, routing, capture, loss, update, masks and fusion.
+
+The engine never calls the UNet itself. It is handed a *row model*: a callable that
+runs the model on a batch of rows, each row being (image, variant, cond/uncond),
+and returns the model's prediction per row. The A1111 glue wraps the host's inner
+model this way; the tests and the demo wrap a bare UNet. Both drive this code.
+
+Per sampling step, for a batch of B images and V = 1 + K variants:
+
+1. at update steps (first-order samplers only): a gradient pass over the B*V cond
+   rows, stopped after the last H/32 layer, gives the maps; their contrastive loss
+   is differentiated w.r.t. the latent, which is updated in place. Refinement steps
+   repeat this until the loss stops improving (or a fixed count).
+2. one batched pass over all 2*B*V rows (cond, then uncond; image-major) with the
+   maps of the cond rows captured; the prediction therefore comes from the updated
+   latent (Attend-and-Excite's choice; the reference reuses the stale one).
+3. masks from those maps; cond and uncond predictions fused per image; the caller
+   applies CFG to the B fused cond and B fused uncond predictions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
+
+import torch
+import torch.nn as nn
+
+from .attention import AttentionCapture, CaptureRequest, cross_attention_modules, map_size
+from .loss import DEFAULT_TAU, concept_overlap, contrastive_loss
+from .masks import Morphology, fuse, resize_masks, variant_masks
+from .routing import Delta, Route, RowRouter
+from .tokens import TokenMapSpec
+from .update import LatentSpace, Schedule, apply_update
+
+log = logging.getLogger("clora")
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Which (image, variant, uncond) each batch row of a model call is."""
+
+    image: torch.Tensor  # (R,) long
+    variant: torch.Tensor  # (R,) long
+    uncond: torch.Tensor  # (R,) bool
+
+    def __len__(self) -> int:
+        return self.image.numel()
+
+    @classmethod
+    def build(cls, images: int, variants: int, with_uncond: bool, device: torch.device | str = "cpu") -> "RowLayout":
+        """Cond rows image-major (b0v0, b0v1, ..., b1v0, ...), then the uncond rows in the same order."""
+        halves = (False, True) if with_uncond else (False,)
+        image, variant, uncond = [], [], []
+        for u in halves:
+            for b in range(images):
+                for v in range(variants):
+                    image.append(b)
+                    variant.append(v)
+                    uncond.append(u)
+        return cls(
+            torch.tensor(image, dtype=torch.long, device=device),
+            torch.tensor(variant, dtype=torch.long, device=device),
+            torch.tensor(uncond, dtype=torch.bool, device=device),
+        )
+
+    def row(self, image: int, variant: int, uncond: bool = False) -> int:
+        """Row index in a layout made by ``build``."""
+        images = int(self.image.max()) + 1
+        variants = int(self.variant.max()) + 1
+        return (int(uncond) * images + image) * variants + variant
+
+
+class RowModel(Protocol):
+    def __call__(self, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+        """Run the model on rows ``x`` (R, C, H, W) described by ``layout``; return (R, C, H, W)."""
+
+
+@dataclass(frozen=True)
+class LoRAUse:
+    """One LoRA applied to a variant's rows."""
+
+    name: str
+    deltas: Mapping[str, Delta]
+    multiplier: float = 1.0
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    step_size: float = 20.0
+    schedule: Schedule = Schedule()
+    refine_tolerance: float | None = 1e-3  # stop refining when the loss improves by less (relative); None: fixed count
+    tau: float = DEFAULT_TAU
+    mask_threshold: float = 0.4
+    morphology: Morphology = Morphology.NONE
+
+
+@dataclass
+class EngineHooks:
+    """Host integration points: progress text during refinement and interruption."""
+
+    on_refine: Callable[[int, int], None] = lambda i, n: None
+    interrupted: Callable[[], bool] = lambda: False
+    warn: Callable[[str], None] = lambda message: log.warning(message)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    iterations: int = 0
+    losses: list[float] = field(default_factory=list)  # one per gradient pass
+    loss_after: float | None = None  # loss of the maps the fused prediction used
+    overlap_after: float | None = None
+
+
+@dataclass
+class StepOutput:
+    cond: torch.Tensor  # (B, C, H, W) fused cond predictions
+    uncond: torch.Tensor  # (B, C, H, W) fused uncond predictions
+    maps: torch.Tensor  # (B, P, h, w) token maps of the cond rows
+    masks: torch.Tensor  # (B, V, H, W) masks used for the fusion
+
+
+@contextlib.contextmanager
+def gradient_ready(root: nn.Module) -> Iterator[None]:
+    """Make a no-grad-trained module usable for a gradient w.r.t. its input.
+
+    Gradient checkpointing (ldm/sgm ``checkpoint``/``use_checkpoint`` flags) runs its
+    forward under no_grad, which would leave the captured maps without a graph; and
+    parameters that require grad make autograd keep every input for weight gradients
+    we never need. Both are switched off for the block and restored exactly.
+    """
+    flags: list[tuple[nn.Module, str, bool]] = []
+    params: list[nn.Parameter] = []
+    try:
+        for module in root.modules():
+            for attr in ("checkpoint", "use_checkpoint"):
+                value = module.__dict__.get(attr)
+                if isinstance(value, bool) and value:
+                    flags.append((module, attr, value))
+                    setattr(module, attr, False)
+        for p in root.parameters():
+            if p.requires_grad:
+                params.append(p)
+                p.requires_grad_(False)
+        yield
+    finally:
+        for module, attr, value in flags:
+            setattr(module, attr, value)
+        for p in params:
+            p.requires_grad_(True)
+
+
+class CLoRAEngine:
+    """Runs CLoRA step by step for one generation. Use as a context manager."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        variant_loras: Sequence[Sequence[LoRAUse]],
+        token_maps: Sequence[TokenMapSpec],
+        settings: EngineSettings = EngineSettings(),
+        hooks: EngineHooks | None = None,
+    ):
+        self.unet = unet
+        self.variant_loras = [list(v) for v in variant_loras]
+        self.settings = settings
+        self.hooks = hooks or EngineHooks()
+        self.router = RowRouter(unet)
+        self.capture = AttentionCapture(cross_attention_modules(unet))
+        self.records: list[StepRecord] = []
+        self.updates_enabled = True
+        self._warned: set[str] = set()
+        self.token_maps = token_maps
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def __enter__(self) -> "CLoRAEngine":
+        self.capture.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.router.remove()
+        self.capture.remove()
+
+    # -- configuration ----------------------------------------------------------------------
+    @property
+    def n_variants(self) -> int:
+        return len(self.variant_loras)
+
+    @property
+    def token_maps(self) -> list[TokenMapSpec]:
+        return self._token_maps
+
+    @token_maps.setter
+    def token_maps(self, specs: Sequence[TokenMapSpec]) -> None:
+        """Replace the token maps (e.g. at a prompt-editing boundary)."""
+        specs = list(specs)
+        if not specs:
+            raise ValueError("CLoRA needs at least one subject token map")
+        if any(not 0 <= s.variant < self.n_variants for s in specs):
+            raise ValueError("a token map names a variant that has no LoRA list")
+        self._token_maps = specs
+        self._labels = torch.tensor([s.concept for s in specs], dtype=torch.long)
+        self._map_variant = torch.tensor([s.variant for s in specs], dtype=torch.long)
+        self._map_is_mask = torch.tensor([s.mask for s in specs], dtype=torch.bool)
+        self._map_position = torch.tensor([s.position for s in specs], dtype=torch.long)
+        self._n_concepts = len(set(self._labels.tolist()))
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.hooks.warn(message)
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(
+        self,
+        x: torch.Tensor,
+        step: int,
+        total_steps: int,
+        space: LatentSpace,
+        model: RowModel,
+        allow_update: bool = True,
+    ) -> StepOutput:
+        """One sampling step. ``x`` (B, C, H, W) is the sampler's latent, updated in place."""
+        record = StepRecord(step)
+        self.records.append(record)
+        iterations = self.settings.schedule.iterations_at(step, total_steps)
+        if allow_update and self.updates_enabled and self._n_concepts >= 2 and iterations:
+            self._optimise(x, space, model, iterations, record)
+        return self._fused_pass(x, step, total_steps, model, record)
+
+    def _optimise(self, x: torch.Tensor, space: LatentSpace, model: RowModel, iterations: int, record: StepRecord) -> None:
+        tolerance = self.settings.refine_tolerance
+        previous: tuple[float, torch.Tensor] | None = None  # (loss, latent) before the last update
+        for i in range(iterations):
+            if self.hooks.interrupted():
+                return
+            if i > 0:
+                self.hooks.on_refine(i, iterations - 1)
+            try:
+                loss, grad = self._loss_and_gradient(x, model)
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch
+                self.updates_enabled = False
+                self.warn_once("oom", "CLoRA: out of memory in the gradient pass; latent updates skipped for this image")
+                return
+            if not (math.isfinite(loss) and torch.isfinite(grad).all()):
+                self.warn_once("nonfinite", "CLoRA: non-finite loss or gradient; that latent update was skipped")
+                return
+            record.losses.append(loss)
+            if previous is not None and tolerance is not None:
+                if loss > previous[0]:  # the last step overshot: take it back and stop
+                    x.copy_(previous[1])
+                    return
+                if previous[0] - loss < tolerance * abs(previous[0]):
+                    return
+            if tolerance is not None:
+                previous = (loss, x.detach().clone())
+            apply_update(x, grad, self.settings.step_size, space)
+            record.iterations += 1
+
+    def _loss_and_gradient(self, x: torch.Tensor, model: RowModel) -> tuple[float, torch.Tensor]:
+        images = x.shape[0]
+        layout = RowLayout.build(images, self.n_variants, with_uncond=False, device=x.device)
+        with torch.enable_grad(), gradient_ready(self.unet):
+            leaf = x.detach().requires_grad_(True)
+            request = self._request(layout, x, grad=True)
+            with self.router.routed(self._routes(layout), len(layout)), self.capture.capturing(request):
+                model(leaf.index_select(0, layout.image), layout)
+            maps = self.capture.maps().reshape(images, len(self._token_maps), *request.map_hw)
+            loss = self._loss(maps)
+            (grad,) = torch.autograd.grad(loss, leaf)
+        return float(loss.detach()), grad.detach()
+
+    def _fused_pass(self, x: torch.Tensor, step: int, total_steps: int, model: RowModel, record: StepRecord) -> StepOutput:
+        images = x.shape[0]
+        layout = RowLayout.build(images, self.n_variants, with_uncond=True, device=x.device)
+        with torch.no_grad():
+            request = self._request(layout, x, grad=False)
+            with self.router.routed(self._routes(layout), len(layout)), self.capture.capturing(request):
+                out = model(x.index_select(0, layout.image), layout)
+            maps = self.capture.maps().reshape(images, len(self._token_maps), *request.map_hw)
+            record.loss_after = float(self._loss(maps))
+            record.overlap_after = float(
+                torch.stack([concept_overlap(m, self._labels.to(m.device)) for m in maps]).mean()
+            )
+            masks = self.masks(maps, x.shape[-2:], enabled=self.settings.schedule.masks_at(step, total_steps))
+            per_image = out.reshape(2, images, self.n_variants, *out.shape[1:])
+            cond = torch.stack([fuse(per_image[0, b], masks[b]) for b in range(images)])
+            uncond = torch.stack([fuse(per_image[1, b], masks[b]) for b in range(images)])
+        return StepOutput(cond=cond, uncond=uncond, maps=maps, masks=masks)
+
+    # -- pieces -------------------------------------------------------------------------------
+    def masks(self, maps: torch.Tensor, latent_hw: Sequence[int], enabled: bool = True) -> torch.Tensor:
+        """(B, V, H, W) masks from (B, P, h, w) maps; before the first masked step, equal weights."""
+        images = maps.shape[0]
+        if not enabled:
+            return torch.ones(images, self.n_variants, *latent_hw, device=maps.device)
+        variant_of = self._map_variant.to(maps.device)
+        is_mask = self._map_is_mask.to(maps.device)
+        small = torch.stack(
+            [
+                variant_masks(m, variant_of, is_mask, self.n_variants, self.settings.mask_threshold, self.settings.morphology)
+                for m in maps
+            ]
+        )
+        return resize_masks(small, tuple(latent_hw))
+
+    def _loss(self, maps: torch.Tensor) -> torch.Tensor:
+        labels = self._labels.to(maps.device)
+        return sum(contrastive_loss(m, labels, self.settings.tau) for m in maps)
+
+    def _request(self, layout: RowLayout, x: torch.Tensor, grad: bool) -> CaptureRequest:
+        images = x.shape[0]
+        variants = self.n_variants
+        maps = len(self._token_maps)
+        image = torch.arange(images).repeat_interleave(maps)
+        variant = self._map_variant.repeat(images)
+        rows = image * variants + variant  # cond rows come first in every layout
+        cols = self._map_position.repeat(images)
+        return CaptureRequest(
+            rows=rows.to(x.device), cols=cols.to(x.device), map_hw=map_size(tuple(x.shape[-2:])), grad=grad, stop_early=grad
+        )
+
+    def _routes(self, layout: RowLayout) -> list[Route]:
+        routes = []
+        variant = layout.variant.tolist()
+        for v, uses in enumerate(self.variant_loras):
+            rows = [r for r, rv in enumerate(variant) if rv == v]
+            for use in uses:
+                routes.append(Route(use.deltas, rows, use.multiplier, use.name))
+        return routes

@@ -1,0 +1,70 @@
+"""Latent update and its schedule (spec section 4).
+
+The step size alpha is defined in the DDPM latent space (x_t = sqrt(abar) z0 +
+sqrt(1 - abar) eps), where the paper and Attend-and-Excite take their steps. In
+k-diffusion's sigma space (x = x_t / sqrt(abar), UNet input x * c_in with
+c_in = 1/sqrt(sigma^2 + 1)) the same step reads x <- x - alpha (sigma^2 + 1) grad_x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DDPMSpace:
+    """Timestep samplers (DDIM, PLMS, UniPC): the latent is x_t itself."""
+
+    def gradient_scale(self, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.ones(batch, device=device)
+
+
+@dataclass(frozen=True)
+class SigmaSpace:
+    """k-diffusion samplers: the latent is x_t / sqrt(abar), one sigma per image."""
+
+    sigma: torch.Tensor
+
+    def gradient_scale(self, batch: int, device: torch.device) -> torch.Tensor:
+        sigma = self.sigma.to(device=device, dtype=torch.float32).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(batch)
+        return sigma**2 + 1
+
+
+LatentSpace = DDPMSpace | SigmaSpace
+
+
+def apply_update(latent: torch.Tensor, grad: torch.Tensor, step_size: float, space: LatentSpace) -> None:
+    """``latent -= step_size * scale * grad`` in place, with the space's per-image scale."""
+    scale = space.gradient_scale(latent.shape[0], latent.device)
+    scale = scale.reshape(-1, *([1] * (latent.dim() - 1))).to(latent.dtype)
+    latent.sub_(step_size * scale * grad.to(latent.dtype))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When to update, refine and mask, as fractions of the step count.
+
+    Paper defaults at 50 steps: updates at steps 0-24, refinement at 0, 10 and 20.
+    """
+
+    update_fraction: float = 0.5
+    refine_at: tuple[float, ...] = (0.0, 0.2, 0.4)
+    refine_iterations: int = 20
+    mask_start: float = 0.0
+
+    def updates_at(self, step: int, total: int) -> bool:
+        return step < round(self.update_fraction * total)
+
+    def iterations_at(self, step: int, total: int) -> int:
+        """How many update iterations step ``step`` runs (0 when it does not update)."""
+        if not self.updates_at(step, total):
+            return 0
+        refine = step in {round(f * total) for f in self.refine_at}
+        return 1 + (self.refine_iterations if refine else 0)
+
+    def masks_at(self, step: int, total: int) -> bool:
+        return step >= round(self.mask_start * total)
