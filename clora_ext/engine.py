@@ -239,10 +239,10 @@ class CLoRAEngine:
         tolerance = self.settings.refine_tolerance
         previous: tuple[float, torch.Tensor] | None = None  # (loss, latent) before the last update
         for i in range(iterations):
-            if self.hooks.interrupted():
-                return
             if i > 0:
                 self.hooks.on_refine(i, iterations - 1)
+            if self.hooks.interrupted():
+                return
             try:
                 loss, grad = self._loss_and_gradient(x, model)
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch

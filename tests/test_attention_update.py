@@ -1,0 +1,149 @@
+"""Attention capture, the latent update and its space scaling on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clora_ext.attention import AttentionCapture, CaptureRequest, cross_attention_modules, map_size
+from clora_ext.engine import CLoRAEngine, EngineSettings, LoRAUse, RowLayout, gradient_ready
+from clora_ext.tokens import TokenMapSpec
+from clora_ext.update import DDPMSpace, Schedule, SigmaSpace, apply_update
+
+SD15_H32 = [f"input_blocks.{i}.1.transformer_blocks.0.attn2" for i in (7, 8)] + [
+    f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in (3, 4, 5)
+]
+SDXL_H32 = [
+    f"{block}.1.transformer_blocks.{d}.attn2"
+    for block in ("input_blocks.7", "input_blocks.8", "middle_block", "output_blocks.0", "output_blocks.1", "output_blocks.2")
+    for d in (0, 1)
+]
+
+
+def manual_maps(unet, x, t, ctx, layers, rows, cols, hw):
+    """Independent oracle: recompute softmax(q k^T * scale) from each layer's recorded input."""
+    modules = dict(unet.named_modules())
+    inputs = {}
+    handles = [
+        modules[n].register_forward_hook(lambda m, a, kw, o, n=n: inputs.__setitem__(n, (a[0], kw.get("context"))), with_kwargs=True)
+        for n in layers
+    ]
+    with torch.no_grad():
+        out = unet(x, t, context=ctx)
+    for h in handles:
+        h.remove()
+    acc = 0
+    for n in layers:
+        m = modules[n]
+        hidden, context = inputs[n]
+        q, k = m.to_q(hidden), m.to_k(context)
+        b, nq, inner = q.shape
+        d = inner // m.heads
+        q = q.reshape(b, nq, m.heads, d).permute(0, 2, 1, 3)
+        k = k.reshape(b, -1, m.heads, d).permute(0, 2, 1, 3)
+        p = torch.softmax((q @ k.transpose(-1, -2)) * m.scale, dim=-1).mean(1)
+        acc = acc + p[rows, :, cols]
+    return out, (acc / len(layers)).reshape(-1, *hw)
+
+
+@pytest.mark.parametrize("layout_name,expected", [("sd15", SD15_H32), ("sdxl", SDXL_H32)])
+def test_capture_selects_h32_layers_and_matches_explicit_softmax(request, layout_name, expected):
+    unet = request.getfixturevalue("tiny_unet" if layout_name == "sd15" else "tiny_unet_sdxl")
+    gen = torch.Generator().manual_seed(0)
+    latent_hw = (16, 24)  # non-square: 4 x 6 maps
+    x = torch.randn(3, 4, *latent_hw, generator=gen)
+    t = torch.tensor([10.0, 500.0, 900.0])
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    rows, cols = torch.tensor([0, 2, 2]), torch.tensor([1, 5, 76])
+    capture = AttentionCapture(cross_attention_modules(unet))
+    with torch.no_grad(), capture.installed():
+        with capture.capturing(CaptureRequest(rows, cols, map_size(latent_hw))):
+            captured_out = unet(x, t, context=ctx)
+        maps = capture.maps()
+    assert capture.layers == expected
+    ref_out, ref_maps = manual_maps(unet, x, t, ctx, expected, rows, cols, map_size(latent_hw))
+    assert maps.shape == (3, 4, 6)
+    assert torch.allclose(maps, ref_maps, atol=1e-6)
+    assert torch.equal(captured_out, ref_out)  # the layer's own output is untouched
+    assert all(not m._forward_hooks for m in unet.modules())
+
+
+def test_capture_carries_autograd_through_checkpointing_and_stops_early(tiny_unet):
+    assert any(getattr(m, "checkpoint", False) is True for m in tiny_unet.modules())
+    x = torch.randn(2, 4, 16, 16)
+    t, ctx = torch.tensor([400.0, 400.0]), torch.randn(2, 77, 32)
+    req = lambda grad, stop: CaptureRequest(torch.tensor([0, 1]), torch.tensor([2, 3]), (4, 4), grad=grad, stop_early=stop)
+    capture = AttentionCapture(cross_attention_modules(tiny_unet))
+    ran: list[str] = []
+    probe = tiny_unet.output_blocks[6].register_forward_hook(lambda *a: ran.append("after"))
+    try:
+        with capture.installed():
+            with torch.no_grad(), capture.capturing(req(False, False)):
+                tiny_unet(x, t, context=ctx)  # a complete pass learns the last H/32 layer
+            assert capture.known_layers == SD15_H32
+            ran.clear()
+            with torch.enable_grad(), gradient_ready(tiny_unet):
+                leaf = x.clone().requires_grad_(True)
+                with capture.capturing(req(True, True)):
+                    tiny_unet(leaf, t, context=ctx)
+                maps = capture.maps()
+                (grad,) = torch.autograd.grad(maps[0].sum() - maps[1].sum(), leaf)
+            assert ran == []  # nothing after output_blocks.5 ran
+            assert grad.abs().sum() > 0 and torch.isfinite(grad).all()
+    finally:
+        probe.remove()
+    # flags and requires_grad restored
+    assert any(getattr(m, "checkpoint", False) is True for m in tiny_unet.modules())
+    assert all(p.requires_grad for p in tiny_unet.parameters())
+
+
+def test_sigma_space_update_equals_ddpm_update_mapped_across():
+    gen = torch.Generator().manual_seed(0)
+    sigma = torch.tensor([0.7, 3.0])
+    c_in = (sigma**2 + 1) ** -0.5
+    z = torch.randn(2, 4, 6, 6, generator=gen)  # DDPM-space latent x_t
+    w = torch.randn(2, 4, 6, 6, generator=gen)
+    loss_of_z = lambda z: ((z * w).sum(dim=(1, 2, 3)) ** 2).sum()
+    # DDPM space: z <- z - a * grad_z
+    zl = z.clone().requires_grad_(True)
+    (gz,) = torch.autograd.grad(loss_of_z(zl), zl)
+    z_new = z.clone()
+    apply_update(z_new, gz, 20.0, DDPMSpace())
+    # sigma space: x = z / c_in, the model sees x * c_in
+    x = (z / c_in[:, None, None, None]).clone()
+    xl = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(loss_of_z(xl * c_in[:, None, None, None]), xl)
+    apply_update(x, gx, 20.0, SigmaSpace(sigma))
+    assert torch.allclose(x * c_in[:, None, None, None], z_new, atol=1e-4, rtol=1e-5)
+
+
+def test_schedule_scales_with_step_count():
+    s = Schedule()
+    assert [i for i in range(50) if s.iterations_at(i, 50) > 1] == [0, 10, 20]
+    assert [i for i in range(50) if s.updates_at(i, 50)] == list(range(25))
+    assert s.iterations_at(0, 50) == 21 and s.iterations_at(1, 50) == 1 and s.iterations_at(25, 50) == 0
+    s20 = Schedule(refine_iterations=8)
+    assert [i for i in range(20) if s20.iterations_at(i, 20) > 1] == [0, 4, 8]
+    assert [i for i in range(20) if s20.updates_at(i, 20)] == list(range(10))
+    assert not Schedule(mask_start=0.2).masks_at(9, 50) and Schedule(mask_start=0.2).masks_at(10, 50)
+
+
+def test_one_update_lowers_the_loss_on_the_tiny_model(tiny_unet):
+    """Two variants whose subject maps overlap; one gradient step separates them a little."""
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    gen = torch.Generator().manual_seed(1)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    sigma = torch.tensor([2.0])
+    c_in = float((sigma**2 + 1) ** -0.5)
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * c_in, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    settings = EngineSettings(step_size=20.0, schedule=Schedule(refine_iterations=0), refine_tolerance=None)
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, settings) as engine:
+        x = torch.randn(1, 4, 16, 16, generator=gen) * 2.0
+        before, _ = engine._loss_and_gradient(x, row_model)
+        engine.step(x, 0, 10, SigmaSpace(sigma), row_model)
+        after, _ = engine._loss_and_gradient(x, row_model)
+    assert after < before, (before, after)
+    assert engine.records[0].iterations == 1

@@ -1,0 +1,111 @@
+"""The contrastive loss against pytorch-metric-learning, masks and fusion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clora_ext.loss import concept_overlap, contrastive_loss, minmax_normalise, nt_xent
+from clora_ext.masks import Morphology, fuse, morph, resize_masks, variant_masks
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_nt_xent_matches_pytorch_metric_learning(seed):
+    from pytorch_metric_learning.losses import NTXentLoss
+
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(4, 24, (1,), generator=gen))
+    concepts = int(torch.randint(2, 5, (1,), generator=gen))
+    maps = torch.rand(n, 8, 6, generator=gen) ** 3
+    labels = torch.randint(0, concepts, (n,), generator=gen)
+    labels[:concepts] = torch.arange(concepts)  # every concept present
+    ours = contrastive_loss(maps, labels, tau=0.5)
+    oracle = NTXentLoss(temperature=0.5)(minmax_normalise(maps), labels)
+    assert torch.allclose(ours, oracle, atol=1e-5), (ours, oracle)
+
+
+def test_nt_xent_gradient_matches_oracle():
+    from pytorch_metric_learning.losses import NTXentLoss
+
+    gen = torch.Generator().manual_seed(3)
+    emb = torch.randn(10, 16, generator=gen)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    a = emb.clone().requires_grad_(True)
+    b = emb.clone().requires_grad_(True)
+    nt_xent(a, labels, 0.5).backward()
+    NTXentLoss(temperature=0.5)(b, labels).backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_loss_degenerate_cases():
+    maps = torch.rand(4, 5, 5)
+    assert contrastive_loss(maps, torch.zeros(4, dtype=torch.long)) == 0  # no negatives
+    assert contrastive_loss(maps, torch.arange(4)) == 0  # no positives
+    flat = torch.ones(3, 4, 4)  # constant maps: the epsilon keeps it finite
+    assert torch.isfinite(contrastive_loss(flat, torch.tensor([0, 0, 1])))
+
+
+def test_separated_maps_have_lower_loss_and_overlap():
+    left = torch.zeros(8, 8)
+    left[:, :4] = 1
+    right = 1 - left
+    labels = torch.tensor([0, 0, 1, 1])
+    separated = torch.stack([left, left, right, right]) + 0.01 * torch.rand(4, 8, 8)
+    mixed = torch.stack([left, right, left, right]) + 0.01 * torch.rand(4, 8, 8)
+    assert contrastive_loss(separated, labels) < contrastive_loss(mixed, labels)
+    assert concept_overlap(separated, labels) < concept_overlap(mixed, labels)
+
+
+def test_masks_are_row_major_not_transposed():
+    h, w = 3, 5
+    maps = torch.zeros(2, h, w)
+    maps[0, 0, 4] = 1.0  # top-right corner
+    maps[1, 2, 0] = 1.0  # bottom-left corner
+    masks = variant_masks(
+        maps, variant_of_map=torch.tensor([1, 2]), mask_map=torch.tensor([True, True]), n_variants=3, threshold=0.5
+    )
+    assert masks.shape == (3, h, w)
+    assert masks[1, 0, 4] == 1 and masks[1].sum() == 1
+    assert masks[2, 2, 0] == 1 and masks[2].sum() == 1
+    assert torch.equal(masks[0], 1 - masks[1] - masks[2])  # background covers the rest
+    big = resize_masks(masks, (12, 20))
+    assert big.shape == (3, 12, 20)
+    assert big[1, :4, 16:].eq(1).all() and big[1].sum() == 16
+
+
+def test_union_over_tokens_and_threshold():
+    maps = torch.zeros(3, 4, 4)
+    maps[0, 0, 0], maps[0, 0, 1] = 1.0, 0.35
+    maps[1, 3, 3] = 0.2  # second token of the same variant, weak in absolute terms
+    maps[2, 2, 2] = 1.0  # a token that is not a mask token
+    masks = variant_masks(maps, torch.tensor([1, 1, 1]), torch.tensor([True, True, False]), 2, threshold=0.4)
+    # 0.35 < 0.4 * 1.0 is out; the second token counts relative to its own peak
+    assert masks[1].nonzero().tolist() == [[0, 0], [3, 3]]
+
+
+def test_overlapping_masks_fuse_to_a_convex_combination():
+    preds = torch.stack([torch.full((2, 4, 4), float(v)) for v in (0.0, 10.0, 20.0)])
+    masks = torch.zeros(3, 4, 4)
+    masks[1, :, :3] = 1
+    masks[2, :, 1:] = 1  # columns 1-2 are covered by both
+    masks[0] = (masks[1:].sum(0) == 0).float()
+    out = fuse(preds, masks)
+    weights = masks / masks.sum(0, keepdim=True)
+    assert torch.allclose(weights.sum(0), torch.ones(4, 4))  # normalised weights sum to one
+    assert torch.allclose(out[:, :, 0], torch.full((2, 4), 10.0))
+    assert torch.allclose(out[:, :, 1:3], torch.full((2, 4, 2), 15.0))
+    assert torch.allclose(out[:, :, 3], torch.full((2, 4), 20.0))
+
+
+def test_morphology():
+    m = torch.zeros(1, 7, 7)
+    m[0, 2:5, 2:5] = 1
+    m[0, 0, 6] = 1  # a speck
+    assert morph(m, Morphology.ERODE)[0].nonzero().tolist() == [[3, 3]]
+    assert morph(m, "dilate")[0, 1:6, 1:6].eq(1).all()
+    opened = morph(m, Morphology.OPEN)
+    assert opened[0, 0, 6] == 0 and opened[0, 2:5, 2:5].eq(1).all()
+    holed = m.clone()
+    holed[0, 3, 3] = 0
+    assert morph(holed, Morphology.CLOSE)[0, 3, 3] == 1
+    assert torch.equal(morph(m, Morphology.NONE), m)
