@@ -172,6 +172,7 @@ class CLoRAEngine:
         self.router = RowRouter(unet)
         self.capture = AttentionCapture(cross_attention_modules(unet))
         self.records: list[StepRecord] = []
+        self.last_output: StepOutput | None = None  # maps and masks of the latest step, for previews
         self.updates_enabled = True
         self._warned: set[str] = set()
         self.token_maps = token_maps
@@ -233,7 +234,8 @@ class CLoRAEngine:
         iterations = self.settings.schedule.iterations_at(step, total_steps)
         if allow_update and self.updates_enabled and self._n_concepts >= 2 and iterations:
             self._optimise(x, space, model, iterations, record)
-        return self._fused_pass(x, step, total_steps, model, record)
+        self.last_output = self._fused_pass(x, step, total_steps, model, record)
+        return self.last_output
 
     def _optimise(self, x: torch.Tensor, space: LatentSpace, model: RowModel, iterations: int, record: StepRecord) -> None:
         tolerance = self.settings.refine_tolerance
