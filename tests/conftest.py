@@ -27,6 +27,8 @@ def pytest_configure(config: pytest.Config) -> None:
     for line in (
         r"ignore:torch\.get_autocast_gpu_dtype\(\) is deprecated:DeprecationWarning",
         r"ignore:`torch\.cuda\.amp\.autocast\(args\.\.\.\)` is deprecated:FutureWarning",
+        # numpy probes subnormals once; torch.set_flush_denormal(True) makes them read as zero
+        r"ignore:The value of the smallest subnormal:UserWarning",
     ):
         config.addinivalue_line("filterwarnings", line)
 

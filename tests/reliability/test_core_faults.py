@@ -1,0 +1,133 @@
+"""The core leaves the model exactly as it found it: success, faults, interrupts, NaNs, OOM."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from clora_ext.concepts import Concept
+from clora_ext.devtools.loras import write_kohya_lora
+from clora_ext.devtools.pipeline import ConceptLoRA, TinySD, generate
+from clora_ext.devtools.tiny_sd import build_tiny_text_encoder, build_tiny_unet
+from clora_ext.engine import EngineHooks, EngineSettings
+from clora_ext.lora_file import map_lora, read_lora_file
+from clora_ext.update import Schedule
+
+SETTINGS = EngineSettings(schedule=Schedule(refine_iterations=2))
+PLAIN = dict(seed=9, steps=4, latent_hw=(16, 16))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    # a private model: these tests inject faults into it
+    unet, te = build_tiny_unet(seed=5), build_tiny_text_encoder(seed=5)
+    d = tmp_path_factory.mktemp("faults")
+    concepts = [
+        ConceptLoRA(
+            Concept(subject, f"lora_{subject}"),
+            map_lora(read_lora_file(write_kohya_lora(d / f"{subject}.safetensors", unet, te, seed=i)), unet, te),
+        )
+        for i, subject in enumerate(("cat", "dog"))
+    ]
+    model = TinySD(unet, te)
+    reference, _ = generate(model, "a cat and a dog", **PLAIN)
+    return model, concepts, reference
+
+
+def fingerprint(model: TinySD) -> dict:
+    modules = [*model.unet.modules(), *model.text_encoder.modules()]
+    return {
+        "weights": [hash(t.detach().numpy().tobytes()) for m in (model.unet, model.text_encoder) for t in m.state_dict().values()],
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules),
+        "overrides": sum("forward" in m.__dict__ for m in modules),
+        "checkpoint_flags": [getattr(m, "checkpoint", None) for m in modules],
+        "requires_grad": [p.requires_grad for p in model.unet.parameters()],
+    }
+
+
+@contextlib.contextmanager
+def fault(model: TinySD, when, action):
+    """Inject ``action(x)`` into the UNet's first block on calls where ``when(call_index)`` holds."""
+    calls = [0]
+
+    def pre_hook(module, args):
+        calls[0] += 1
+        if when(calls[0], torch.is_grad_enabled()):
+            return action(*args)
+        return None
+
+    handle = model.unet.input_blocks[0].register_forward_pre_hook(pre_hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def boom(*args):
+    raise RuntimeError("injected fault")
+
+
+def check_clean(model, before, reference):
+    assert fingerprint(model) == before
+    again, _ = generate(model, "a cat and a dog", **PLAIN)
+    assert torch.equal(again, reference)  # the next plain generation is byte-identical
+
+
+def test_success_leaves_no_trace(setup):
+    model, concepts, reference = setup
+    before = fingerprint(model)
+    x, _ = generate(model, "a cat and a dog", concepts=concepts, settings=SETTINGS, **PLAIN)
+    assert torch.isfinite(x).all()
+    check_clean(model, before, reference)
+
+
+@pytest.mark.parametrize("in_gradient_pass", [True, False])
+def test_fault_mid_sampling_leaves_no_trace(setup, in_gradient_pass):
+    model, concepts, reference = setup
+    before = fingerprint(model)
+    with fault(model, lambda n, grad: n > 3 and grad == in_gradient_pass, boom):
+        with pytest.raises(RuntimeError, match="injected fault"):
+            generate(model, "a cat and a dog", concepts=concepts, settings=SETTINGS, **PLAIN)
+    check_clean(model, before, reference)
+
+
+def test_interrupt_leaves_no_trace(setup):
+    model, concepts, reference = setup
+    before = fingerprint(model)
+    hooks = EngineHooks(interrupted=lambda: True)
+    x, engine = generate(model, "a cat and a dog", concepts=concepts, settings=SETTINGS, hooks=hooks, **PLAIN)
+    assert all(r.iterations == 0 for r in engine.records) and torch.isfinite(x).all()
+    check_clean(model, before, reference)
+
+
+def test_non_finite_gradient_skips_the_update_and_warns_once(setup):
+    model, concepts, reference = setup
+    before = fingerprint(model)
+    warnings: list[str] = []
+    hooks = EngineHooks(warn=warnings.append)
+    with fault(model, lambda n, grad: grad, lambda x, *rest: (x * float("nan"), *rest)):
+        x, engine = generate(model, "a cat and a dog", concepts=concepts, settings=SETTINGS, hooks=hooks, **PLAIN)
+    assert torch.isfinite(x).all()  # never a NaN image
+    assert all(r.iterations == 0 for r in engine.records)
+    assert len(warnings) == 1 and "non-finite" in warnings[0]
+    check_clean(model, before, reference)
+
+
+def test_out_of_memory_in_gradient_pass_skips_updates_and_warns(setup):
+    model, concepts, reference = setup
+    before = fingerprint(model)
+    warnings: list[str] = []
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    with fault(model, lambda n, grad: grad, oom) as calls:
+        x, engine = generate(
+            model, "a cat and a dog", concepts=concepts, settings=SETTINGS, hooks=EngineHooks(warn=warnings.append), **PLAIN
+        )
+    assert torch.isfinite(x).all()
+    assert not engine.updates_enabled and len(warnings) == 1 and "out of memory" in warnings[0]
+    assert calls[0] == 1 + PLAIN["steps"]  # one failed gradient pass, then fused passes only
+    check_clean(model, before, reference)
