@@ -92,7 +92,7 @@ class LoRAUse:
 class EngineSettings:
     step_size: float = 20.0
     schedule: Schedule = Schedule()
-    refine_tolerance: float | None = 1e-3  # stop refining when the loss improves by less (relative); None: fixed count
+    refine_tolerance: float | None = 1e-2  # stop refining when the loss improves by less (relative); None: fixed count
     tau: float = DEFAULT_TAU
     mask_threshold: float = 0.4
     morphology: Morphology = Morphology.NONE
@@ -246,27 +246,38 @@ class CLoRAEngine:
             if self.hooks.interrupted():
                 return
             try:
-                loss, grad = self._loss_and_gradient(x, model)
+                with self.differentiable_loss(x, model) as (loss_t, leaf):
+                    loss = float(loss_t.detach())
+                    if not math.isfinite(loss):
+                        self.warn_once("nonfinite", "CLoRA: non-finite loss or gradient; that latent update was skipped")
+                        return
+                    record.losses.append(loss)
+                    # decide before the backward pass: a refinement that stops costs no gradient
+                    if previous is not None and tolerance is not None:
+                        if loss > previous[0]:  # the last update overshot: take it back and stop
+                            x.copy_(previous[1])
+                            return
+                        if previous[0] - loss < tolerance * abs(previous[0]):
+                            return
+                    (grad,) = torch.autograd.grad(loss_t, leaf)
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch
                 self.updates_enabled = False
                 self.warn_once("oom", "CLoRA: out of memory in the gradient pass; latent updates skipped for this image")
                 return
-            if not (math.isfinite(loss) and torch.isfinite(grad).all()):
+            if not torch.isfinite(grad).all():
                 self.warn_once("nonfinite", "CLoRA: non-finite loss or gradient; that latent update was skipped")
                 return
-            record.losses.append(loss)
-            if previous is not None and tolerance is not None:
-                if loss > previous[0]:  # the last step overshot: take it back and stop
-                    x.copy_(previous[1])
-                    return
-                if previous[0] - loss < tolerance * abs(previous[0]):
-                    return
             if tolerance is not None:
                 previous = (loss, x.detach().clone())
             apply_update(x, grad, self.settings.step_size, space)
             record.iterations += 1
 
-    def _loss_and_gradient(self, x: torch.Tensor, model: RowModel) -> tuple[float, torch.Tensor]:
+    @contextlib.contextmanager
+    def differentiable_loss(self, x: torch.Tensor, model: RowModel) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The contrastive loss at latent ``x`` with its graph, and the leaf to differentiate it against.
+
+        One gradient pass: the B*V cond rows only, stopped after the last H/32 layer.
+        """
         images = x.shape[0]
         layout = RowLayout.build(images, self.n_variants, with_uncond=False, device=x.device)
         with torch.enable_grad(), gradient_ready(self.unet):
@@ -275,7 +286,11 @@ class CLoRAEngine:
             with self.router.routed(self._routes(layout), len(layout)), self.capture.capturing(request):
                 model(leaf.index_select(0, layout.image), layout)
             maps = self.capture.maps().reshape(images, len(self._token_maps), *request.map_hw)
-            loss = self._loss(maps)
+            yield self._loss(maps), leaf
+
+    def loss_and_gradient(self, x: torch.Tensor, model: RowModel) -> tuple[float, torch.Tensor]:
+        """The contrastive loss at latent ``x`` and its gradient w.r.t. ``x`` (one gradient pass)."""
+        with self.differentiable_loss(x, model) as (loss, leaf):
             (grad,) = torch.autograd.grad(loss, leaf)
         return float(loss.detach()), grad.detach()
 

@@ -142,8 +142,8 @@ def test_one_update_lowers_the_loss_on_the_tiny_model(tiny_unet):
     settings = EngineSettings(step_size=20.0, schedule=Schedule(refine_iterations=0), refine_tolerance=None)
     with CLoRAEngine(tiny_unet, [[], [], []], specs, settings) as engine:
         x = torch.randn(1, 4, 16, 16, generator=gen) * 2.0
-        before, _ = engine._loss_and_gradient(x, row_model)
+        before, _ = engine.loss_and_gradient(x, row_model)
         engine.step(x, 0, 10, SigmaSpace(sigma), row_model)
-        after, _ = engine._loss_and_gradient(x, row_model)
+        after, _ = engine.loss_and_gradient(x, row_model)
     assert after < before, (before, after)
     assert engine.records[0].iterations == 1
