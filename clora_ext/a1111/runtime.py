@@ -1,0 +1,273 @@
+"""Sampling-time hook: a CFGDenoiser.forward wrapper and a proxy for its inner model (host-facing).
+
+``install()`` wraps ``CFGDenoiser.forward`` once. Without an active CLoRA run for
+the denoiser's ``p`` the wrapper calls the original with the very same arguments.
+With one, each call:
+
+1. runs ``CLoRAEngine.step`` on the sampler's own ``x``: every image is expanded
+   into its variants (base prompt + one per content LoRA), cond and uncond, in one
+   batch; each LoRA is routed to its rows; maps are captured; the latent is updated
+   in place at scheduled steps (first-order samplers, first pass only); the rows
+   are fused with the masks back to one cond and one uncond row per image;
+2. swaps the denoiser's inner model for a proxy that serves those fused rows in the
+   host's row order, and lets the host's own forward run (its callbacks, CFG,
+   previews and step counting stay the host's). The proxy serves consecutive row
+   ranges, so the host may split the batch (``batch_cond_uncond`` off, uneven
+   cond/uncond lengths) or drop uncond rows (NGMS) as it likes.
+
+The fused rows are computed from the prompts and latent the host handed to the
+forward; a ``cfg_denoiser`` callback that edits ``x_in`` or the conds is not seen.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from modules import patches, sd_samplers, sd_samplers_cfg_denoiser, sd_samplers_common, sd_samplers_kdiffusion, shared
+from modules.shared import state
+
+from ..engine import CLoRAEngine, EngineHooks, LoRAUse
+from . import encoding, infotext, lora_bridge
+from .params import CLoRAArgs
+from .plan import (
+    CLoRARuntimeError,
+    FusedProxy,
+    ProxyRows,
+    check_single_conds,
+    fused_step,
+    pick_segment,
+    plan_variants,
+    stack_conds,
+    token_map_schedule,
+)
+from .previews import PreviewStore
+
+# samplers that call the model exactly once per step, on the tensor they continue from
+ONE_CALL_PER_STEP = {
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_lms",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m_sde",
+    "ddim",
+}
+
+_active: "Run | None" = None
+
+
+def install() -> None:
+    """Wrap CFGDenoiser.forward (idempotent)."""
+    cls = sd_samplers_cfg_denoiser.CFGDenoiser
+    if getattr(cls.forward, "__clora__", False):
+        return
+    original = cls.forward
+
+    @functools.wraps(original)
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        run = _active
+        if run is None or run.p is not getattr(self, "p", None):
+            return original(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+        return run.forward(original, self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+
+    forward.__clora__ = True
+    patches.patch(__name__, cls, "forward", forward)
+
+
+def start(p: Any, args: CLoRAArgs | None, error: Exception | None = None) -> "Run":
+    """Make ``p`` a CLoRA generation; a pending ``error`` fails it at its first model call."""
+    global _active
+    reset()
+    _active = Run(p, args, error)
+    return _active
+
+
+def finish(p: Any) -> "Run | None":
+    """End the run of ``p`` (if any) and return it."""
+    global _active
+    run = _active
+    if run is None or run.p is not p:
+        return None
+    run.close()
+    _active = None
+    return run
+
+
+def reset() -> None:
+    """Close whatever a failed generation left behind (idempotent)."""
+    global _active
+    if _active is not None:
+        _active.close()
+    _active = None
+
+
+class Run:
+    """One CLoRA generation (all batches, both passes)."""
+
+    def __init__(self, p: Any, args: CLoRAArgs | None, error: Exception | None):
+        self.p = p
+        self.args = args
+        self.error = error
+        self.notes: list[str] = []
+        self.previews = PreviewStore()
+        self._pass: Pass | None = None
+
+    def note(self, message: str) -> None:
+        """Said once in the console and recorded in the infotext entry."""
+        message = message.removeprefix("CLoRA: ")
+        if message in self.notes:
+            return
+        self.notes.append(message)
+        print(f"CLoRA: {message}")
+        self.p.extra_generation_params[infotext.KEY] = infotext.dump(self.args, self.notes)
+
+    def forward(self, original, denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        if self.error is not None:
+            raise self.error
+        if state.interrupted or state.skipped:  # the host's forward raises InterruptedException
+            return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+        try:
+            if self._pass is None or not self._pass.serves(denoiser):
+                self._close_pass()
+                self._pass = Pass(self, denoiser, cond)
+            fused = self._pass.step(denoiser, x, sigma, image_cond)
+        except BaseException:
+            self._close_pass()
+            raise
+        inner = denoiser.inner_model
+        denoiser.model_wrap = FusedProxy(inner, fused, self._pass.rows)
+        try:
+            return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+        finally:
+            denoiser.model_wrap = inner
+
+    def _close_pass(self) -> None:
+        if self._pass is not None:
+            self._pass.close()
+            self._pass = None
+
+    def close(self) -> None:
+        self._close_pass()
+
+
+class Pass:
+    """One sampling pass (one batch, first pass or hires): its variants, conds, token maps and engine."""
+
+    def __init__(self, run: Run, denoiser: Any, cond: Any):
+        p = run.p
+        self.run = run
+        self.denoiser = denoiser
+        self.model = shared.sd_model
+        self.hires = bool(getattr(p, "is_hr_pass", False))
+        if self.model.model.conditioning_key == "crossattn-adm":
+            raise CLoRARuntimeError("CLoRA does not support unCLIP checkpoints")
+        check_single_conds([len(c) for c in cond.batch])
+        args = run.args
+        composition = args.composition()
+        prompts, negatives = (p.hr_prompts, p.hr_negative_prompts) if self.hires else (p.prompts, p.negative_prompts)
+        try:
+            self.plan = plan_variants(composition, prompts, negatives)
+        except ValueError as e:
+            raise CLoRARuntimeError(f"CLoRA: {e}") from None
+        self.loras = {c.lora: lora_bridge.load(c.lora) for c in args.concepts}
+        schedule = self._schedule(p)
+        self.conds = encoding.encode(self.plan, self.loras, schedule)
+        self.cond_ends = [[int(c.end_at_step) for c in conds] for conds in self.conds]
+        tokenizer = encoding.host_tokenizer()
+        self.token_maps = []
+        for variants in self.plan.variants:
+            schedules = schedule.prompt_schedules([v.prompt for v in variants])
+            self.token_maps.append(token_map_schedule(composition, variants, tokenizer, schedules))
+        images, n_variants = len(prompts), self.plan.n_variants
+        self.rows = ProxyRows(images, n_variants)
+        self.empty = self.model.cond_stage_model_empty_prompt
+        self.k_diffusion = isinstance(denoiser, sd_samplers_kdiffusion.CFGDenoiserKDiffusion)
+        self.updates = not self.hires and self._one_call_per_step(denoiser)
+        if self.hires:
+            run.note("hires pass: masks and routing only, no latent updates")
+        elif not self.updates:
+            run.note(f"sampler {p.sampler_name!r} calls the model more than once per step: masks and fusion only, no latent updates")
+        variant_loras = [
+            [LoRAUse(name, self.loras[name].unet, weight) for name, weight in lora_set] for lora_set in self.plan.unet_loras
+        ]
+        hooks = EngineHooks(on_refine=self._on_refine, interrupted=_interrupted, warn=run.note)
+        self.engine = CLoRAEngine(
+            self.model.model.diffusion_model, variant_loras, self.token_maps[0][0][1], args.engine_settings(), hooks
+        )
+        self.engine.__enter__()
+        # Interrupt/Skip stop a (gradient) UNet pass between blocks, not only between passes
+        unet = self.model.model.diffusion_model
+        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+        self._stops = [block.register_forward_pre_hook(_stop_if_interrupted) for block in blocks]
+
+    def _schedule(self, p: Any) -> encoding.Schedule:
+        if self.hires:
+            config = sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
+            steps = p.hr_second_pass_steps or p.steps
+            hires_steps = config.total_steps(steps) if config else steps
+            return encoding.Schedule(p.firstpass_steps, hires_steps, p.hr_upscale_to_x, p.hr_upscale_to_y)
+        return encoding.Schedule(p.firstpass_steps, None, p.width, p.height)
+
+    @staticmethod
+    def _one_call_per_step(denoiser: Any) -> bool:
+        func = getattr(denoiser.sampler, "funcname", None)
+        return getattr(func, "__name__", func) in ONE_CALL_PER_STEP
+
+    def serves(self, denoiser: Any) -> bool:
+        return denoiser is self.denoiser and shared.sd_model is self.model
+
+    def _on_refine(self, i: int, n: int) -> None:
+        state.textinfo = f"CLoRA refine {i}/{n}"
+
+    def _cond_table(self, step: int) -> Any:
+        """Conds of every (uncond, variant, image) row at ``step``, stacked in ProxyRows.table_index order."""
+        plan = self.plan
+        rows = []
+        for jobs in (plan.cond_job, plan.uncond_job):
+            for v in range(plan.n_variants):
+                for image in range(len(jobs)):
+                    j = jobs[image][v]
+                    rows.append(self.conds[j][pick_segment(self.cond_ends[j], step)].cond)
+        return stack_conds(rows, self.empty)
+
+    def step(self, denoiser: Any, x: torch.Tensor, sigma: torch.Tensor, image_cond: torch.Tensor) -> torch.Tensor:
+        step = denoiser.step
+        maps = [segments[pick_segment([e for e, _ in segments], step)][1] for segments in self.token_maps]
+        previews = not self.hires and self.run.args.previews
+
+        def on_group(group: list[int], out: Any) -> None:
+            self.run.previews.record(self.run.p.iteration, group, out, maps[group[0]], self.plan)
+
+        textinfo = state.textinfo
+        try:
+            return fused_step(
+                self.engine, denoiser.inner_model, self.rows, x, sigma, image_cond, self._cond_table(step), maps,
+                step, denoiser.total_steps, self.k_diffusion, self.updates, on_group if previews else None,
+            )
+        finally:
+            state.textinfo = textinfo
+
+    def close(self) -> None:
+        self.engine.close()
+        for handle in self._stops:
+            handle.remove()
+        records = self.engine.records
+        updated = [r for r in records if r.iterations and r.loss_after is not None]
+        if updated:  # one console line per pass: did the updates lower the contrastive loss?
+            print(
+                f"CLoRA: {len(records)} model steps, {sum(r.iterations for r in updated)} latent updates in "
+                f"{len(updated)} steps; contrastive loss {updated[0].losses[0]:.4f} before the first update, "
+                f"{updated[-1].loss_after:.4f} after the last"
+            )
+
+
+def _interrupted() -> bool:
+    return bool(state.interrupted or state.skipped)
+
+
+def _stop_if_interrupted(module: Any, args: Any) -> None:
+    if _interrupted():
+        raise sd_samplers_common.InterruptedException

@@ -1,0 +1,128 @@
+"""The txt2img accordion and the Settings section, built from the parameter model (host-facing)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import gradio as gr
+
+from modules import shared
+from modules.ui_components import FormRow, InputAccordion, ToolButton
+
+from ..concepts import MAX_CONCEPTS, Role
+from ..masks import Morphology
+from . import lora_bridge
+from .params import NO_LORA, ROW_FIELDS, SETTING_FIELDS, VERSION, CLoRAArgs, ConceptArgs, ui_value
+
+SECTION = ("clora", "CLoRA")
+VISIBLE_ROWS = 2
+
+
+def option_key(name: str) -> str:
+    return f"clora_{name}"
+
+
+def settings_defaults() -> dict[str, Any]:
+    """The Settings tab's defaults for the advanced parameters, as UI values."""
+    fields = CLoRAArgs.__fields__
+    return {name: getattr(shared.opts, option_key(name), ui_value(name, fields[name].get_default())) for name in SETTING_FIELDS}
+
+
+def _component(name: str, value: Any, **kwargs: Any) -> gr.components.Component:
+    """The component for one model field: slider for bounded numbers, dropdowns for enums."""
+    field = {**CLoRAArgs.__fields__, **ConceptArgs.__fields__}[name]
+    info = field.field_info
+    label = info.title or name
+    if name == "morphology":
+        return gr.Dropdown(label=label, choices=[m.value for m in Morphology], value=value, **kwargs)
+    if name == "role":
+        return gr.Dropdown(label=label, choices=[r.label for r in Role], value=value, **kwargs)
+    if isinstance(value, bool):
+        return gr.Checkbox(label=label, value=value, **kwargs)
+    if info.ge is not None and info.le is not None:
+        integer = isinstance(field.get_default(), int) and not isinstance(field.get_default(), float)
+        step = 1 if integer else (0.05 if info.le - info.ge <= 10 else 0.5)
+        return gr.Slider(label=label, minimum=info.ge, maximum=info.le, step=step, value=value, **kwargs)
+    return gr.Textbox(label=label, value=value, placeholder=info.description or "", **kwargs)
+
+
+def build_img2img() -> list:
+    with gr.Accordion("CLoRA", open=False, elem_id="clora-img2img"):
+        gr.HTML("<p class='clora-note'>CLoRA works in txt2img only.</p>")
+    return []
+
+
+def build_txt2img() -> tuple[list, InputAccordion]:
+    """All inputs in the model's positional order: enabled, 8 rows, advanced settings."""
+    defaults = settings_defaults()
+    names = [NO_LORA, *lora_bridge.lora_names()]
+    row_defaults = ConceptArgs.__fields__
+    inputs: list = []
+    dropdowns: list[gr.Dropdown] = []
+    buttons: list[ToolButton] = []
+    with InputAccordion(False, label="CLoRA", elem_id="clora") as enabled:
+        with enabled.extra():
+            gr.HTML(f"<span class='clora-version'>v{VERSION}</span>")
+        inputs.append(enabled)
+        gr.HTML(
+            "<p class='clora-note'>Map subjects of the prompt to LoRAs; each content LoRA acts only where "
+            "its subject is.</p>"
+        )
+        more = None
+        for i in range(MAX_CONCEPTS):
+            if i == VISIBLE_ROWS:
+                more = gr.Accordion(f"Concepts {VISIBLE_ROWS + 1}-{MAX_CONCEPTS}", open=False, elem_id="clora-more")
+                more.__enter__()
+            with FormRow(elem_id=f"clora-row-{i}", elem_classes=["clora-row"]):
+                row = {}
+                for name in ROW_FIELDS:
+                    default = NO_LORA if name == "lora" else ui_value(name, row_defaults[name].get_default())
+                    elem_id = f"clora-{name}-{i}"
+                    if name == "lora":
+                        row[name] = gr.Dropdown(
+                            label="LoRA", choices=names, value=default, elem_id=elem_id, allow_custom_value=True
+                        )
+                        buttons.append(ToolButton(value="\U0001f504", elem_id=f"clora-refresh-{i}", tooltip="Refresh LoRAs"))
+                        dropdowns.append(row[name])
+                    else:
+                        row[name] = _component(name, default, elem_id=elem_id)
+                row["lora"].input(fn=lora_bridge.activation_text, inputs=[row["lora"]], outputs=[row["trigger"]], show_progress=False)
+                inputs.extend(row[name] for name in ROW_FIELDS)
+        if more is not None:
+            more.__exit__(None, None, None)
+        with gr.Accordion("Advanced", open=False, elem_id="clora-advanced"):
+            for name in SETTING_FIELDS:
+                inputs.append(_component(name, defaults[name], elem_id=f"clora-{name}"))
+    for button in buttons:
+        button.click(fn=_refresh(len(dropdowns)), inputs=[], outputs=dropdowns, show_progress=False)
+    return inputs, enabled
+
+
+def _refresh(count: int) -> Callable[[], list]:
+    def refresh() -> list:
+        lora_bridge.refresh()
+        choices = [NO_LORA, *lora_bridge.lora_names()]
+        return [gr.update(choices=choices) for _ in range(count)]
+
+    return refresh
+
+
+def register_settings() -> None:
+    """Settings tab: the paper's defaults for the advanced parameters."""
+    fields = CLoRAArgs.__fields__
+    for name in SETTING_FIELDS:
+        field = fields[name]
+        info = field.field_info
+        default = ui_value(name, field.get_default())
+        if name == "morphology":
+            component, args = gr.Dropdown, {"choices": [m.value for m in Morphology]}
+        elif isinstance(default, bool):
+            component, args = gr.Checkbox, {}
+        elif info.ge is not None and info.le is not None:
+            step = 1 if isinstance(default, int) else 0.05 if info.le - info.ge <= 10 else 0.5
+            component, args = gr.Slider, {"minimum": info.ge, "maximum": info.le, "step": step}
+        else:
+            component, args = gr.Textbox, {}
+        shared.opts.add_option(
+            option_key(name), shared.OptionInfo(default, f"CLoRA default: {info.title}", component, args, section=SECTION)
+        )

@@ -1,0 +1,111 @@
+"""The glue's per-step path on the tiny models: conds table -> row model -> engine -> fused host rows.
+
+The inner model stands in for the host's k-diffusion wrapper (x0 = x - sigma * eps,
+UNet input x * c_in) and reads the conditioning dict exactly as the host builds it:
+``c_crossattn`` for SD1.x, ``crossattn``/``vector`` for SDXL. The SDXL case is the
+SDXL path of the glue, shown on the tiny SDXL-layout UNet (a real SDXL checkpoint
+does not fit this machine's CPU budget).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from clora_ext.a1111.plan import FusedProxy, ProxyRows, fused_step, stack_conds
+from clora_ext.concepts import Composition, Concept
+from clora_ext.engine import CLoRAEngine, EngineSettings, LoRAUse
+from clora_ext.routing import LowRankDelta
+from clora_ext.tokens import BPEChunkTokenizer, plan_token_maps
+from clora_ext.update import Schedule
+
+PROMPTS = ["a cat and a dog", "a dog chasing a cat"]  # different token positions: two engine groups
+SETTINGS = EngineSettings(schedule=Schedule(refine_iterations=1), refine_tolerance=None)
+
+
+class HostLikeDenoiser(nn.Module):
+    def __init__(self, unet: nn.Module, sdxl: bool):
+        super().__init__()
+        self.unet, self.sdxl = unet, sdxl
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        assert cond["c_concat"][0].shape[0] == x.shape[0]
+        if self.sdxl:
+            assert cond["vector"].shape[0] == x.shape[0]
+            context = cond["crossattn"]
+        else:
+            context = cond["c_crossattn"][0]
+        s = sigma.reshape(-1, 1, 1, 1)
+        eps = self.unet(x / (s**2 + 1).sqrt(), sigma * 10, context=context)
+        return x - s * eps
+
+
+def _loras(unet: nn.Module, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_k") or name.endswith("attn2.to_v"):
+            deltas[name] = LowRankDelta(
+                down=torch.randn(2, module.in_features, generator=g) * 0.3,
+                up=torch.randn(module.out_features, 2, generator=g) * 0.3,
+            )
+    return deltas
+
+
+def _setup(unet: nn.Module, clip_bpe, sdxl: bool, images: list[int]):
+    comp = Composition.from_concepts([Concept("cat", "a", trigger="sks"), Concept("dog", "b")])
+    tok = BPEChunkTokenizer(clip_bpe.encode)
+    prompts = [PROMPTS[i] for i in images]
+    maps = [tuple(plan_token_maps(comp, comp.variants(p), tok)) for p in prompts]
+    g = torch.Generator().manual_seed(7)
+    # one cond per (uncond, variant, prompt index), selected for the images asked for
+    all_rows = {(u, v, i): torch.randn(77, 32, generator=g) for u in (0, 1) for v in range(3) for i in range(2)}
+    vectors = {key: torch.randn(6, generator=g) for key in all_rows}
+    rows = [(u, v, i) for u in (0, 1) for v in range(3) for i in images]
+    if sdxl:
+        conds = [{"crossattn": all_rows[r], "vector": vectors[r]} for r in rows]
+    else:
+        conds = [all_rows[r] for r in rows]
+    table = stack_conds(conds, torch.zeros(1, 77, 32))
+    uses = [[], [LoRAUse("a", _loras(unet, 1))], [LoRAUse("b", _loras(unet, 2))]]
+    engine = CLoRAEngine(unet, uses, maps[0], SETTINGS)
+    return engine, table, maps
+
+
+def _run(unet, clip_bpe, sdxl, images, x, sigma, allow_update=True):
+    engine, table, maps = _setup(unet, clip_bpe, sdxl, images)
+    inner = HostLikeDenoiser(unet, sdxl)
+    with engine:
+        return fused_step(
+            engine, inner, ProxyRows(len(images), 3), x, sigma, torch.zeros(len(images), 5, 1, 1),
+            table, maps, step=0, total=10, k_diffusion=True, allow_update=allow_update,
+        )
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd15", "sdxl"])
+def test_batch_of_two_prompts_equals_each_image_alone(request, clip_bpe, sdxl):
+    unet = request.getfixturevalue("tiny_unet_sdxl" if sdxl else "tiny_unet")
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 4, 16, 16, generator=g) * 14.6
+    sigma = torch.tensor([14.6, 14.6])
+    x = x0.clone()
+    fused = _run(unet, clip_bpe, sdxl, [0, 1], x, sigma)
+    assert fused.shape == (4, 4, 16, 16) and torch.isfinite(fused).all()
+    assert not torch.equal(x, x0)  # the sampler's own tensor was updated in place
+    for i in (0, 1):
+        xi = x0[i : i + 1].clone()
+        alone = _run(unet, clip_bpe, sdxl, [i], xi, sigma[i : i + 1])
+        assert torch.allclose(xi, x[i : i + 1], atol=1e-4)
+        assert torch.allclose(alone[0], fused[i], atol=1e-3)  # cond row
+        assert torch.allclose(alone[1], fused[2 + i], atol=1e-3)  # uncond row
+
+
+def test_no_update_leaves_the_latent_and_the_proxy_serves_host_rows(tiny_unet, clip_bpe):
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4)) * 3
+    before = x.clone()
+    fused = _run(tiny_unet, clip_bpe, False, [0, 1], x, torch.tensor([3.0, 3.0]), allow_update=False)
+    assert torch.equal(x, before)
+    proxy = FusedProxy(nn.Module(), fused, ProxyRows(2, 3))
+    served = torch.cat([proxy(x, None), proxy(x, None)])  # the host's split calls: cond rows, uncond rows
+    assert torch.equal(served, fused)

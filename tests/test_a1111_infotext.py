@@ -1,0 +1,61 @@
+"""The "CLoRA" infotext entry: only non-default values, version, round trip through the UI values."""
+
+from __future__ import annotations
+
+import json
+
+from clora_ext.a1111 import infotext
+from clora_ext.a1111.params import POSITIONAL_LENGTH, VERSION, parse_args, to_positional
+
+ARGS = {
+    "concepts": [
+        {"subject": "cat", "lora": "cat_lora", "trigger": "sks, fluffy", "weight": 0.8},
+        {"subject": "dog", "lora": "dog_lora", "te_weight": 0.0},
+        {"subject": "cat, dog", "lora": "ink: v2", "role": "style_subjects"},
+    ],
+    "step_size": 15,
+    "refine_at": [0.0, 0.3],
+    "morphology": "close",
+}
+
+
+def _host_quote(text: str) -> str:
+    # the host JSON-quotes values holding ',', ':' or newlines, and unquotes them with json
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def test_entry_holds_version_and_only_non_default_values():
+    entry = json.loads(infotext.dump(parse_args([ARGS])))
+    assert entry["version"] == VERSION
+    assert set(entry) == {"version", "concepts", "step_size", "refine_at", "morphology"}
+    assert entry["concepts"][0] == {"subject": "cat", "lora": "cat_lora", "weight": 0.8, "trigger": "sks, fluffy"}
+    assert entry["concepts"][1] == {"subject": "dog", "lora": "dog_lora", "te_weight": 0.0}
+    assert entry["concepts"][2]["role"] == "style_subjects"
+    defaults_only = json.loads(infotext.dump(parse_args([{"concepts": ARGS["concepts"][:1]}])))
+    assert set(defaults_only) == {"version", "concepts"}
+
+
+def test_round_trip_through_the_host_quoting():
+    args = parse_args([ARGS])
+    quoted = _host_quote(infotext.dump(args, notes=["hires pass: masks and routing only"]))
+    assert quoted.startswith('"')
+    assert infotext.load(json.loads(quoted)) == args
+
+
+def test_paste_restores_every_row_and_setting():
+    args = parse_args([{**ARGS, "previews": True, "mask_start": 0.1, "update_fraction": 0.3}])
+    values = infotext.paste_values({"Prompt": "a cat and a dog", infotext.KEY: infotext.dump(args)})
+    assert values == to_positional(args)
+    assert parse_args(values) == args
+
+
+def test_paste_without_entry_only_turns_clora_off():
+    values = infotext.paste_values({"Prompt": "a cat"})
+    assert values[0] is False and len(values) == POSITIONAL_LENGTH
+    assert all(v is None for v in values[1:])
+
+
+def test_unreadable_entry_changes_nothing(capsys):
+    assert infotext.paste_values({infotext.KEY: "{not json"}) is None
+    assert infotext.paste_values({infotext.KEY: json.dumps({"step_size": 1e9})}) is None
+    assert "could not read" in capsys.readouterr().out
