@@ -30,6 +30,13 @@ def test_pure_modules_import_without_the_host():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def test_refine_tolerance_zero_means_the_papers_fixed_count():
+    assert CLoRAArgs().engine_settings().refine_tolerance == 0.01
+    assert parse_args([{**TWO, "refine_tolerance": 0}]).engine_settings().refine_tolerance is None
+    with pytest.raises(CLoRAArgsError, match="refine_tolerance"):
+        parse_args([{**TWO, "refine_tolerance": 2}])
+
+
 def test_defaults_are_the_papers():
     a = CLoRAArgs()
     assert not a.enabled and a.concepts == []
@@ -62,7 +69,7 @@ def test_positional_round_trip_and_length():
         [{**TWO, "step_size": 10, "morphology": "open", "refine_at": [0.1], "previews": True, "mask_start": 0.25}]
     )
     values = to_positional(a)
-    assert len(values) == POSITIONAL_LENGTH == 1 + 8 * 6 + 8
+    assert len(values) == POSITIONAL_LENGTH == 1 + 8 * 6 + 9
     assert values[:7] == [True, "cat", "cat_lora", 1.0, 1.0, "sks", "content"]
     assert values[7 + 6 * 6 + 1] == NO_LORA  # an empty row
     assert parse_args(values) == a

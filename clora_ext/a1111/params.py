@@ -77,6 +77,10 @@ class CLoRAArgs(_Strict):
     update_fraction: float = Field(0.5, title="Fraction of steps with updates", ge=0.0, le=1.0)
     refine_at: List[float] = Field([0.0, 0.2, 0.4], title="Refine at (fractions of the steps)", max_items=16)
     refine_iterations: int = Field(20, title="Refine iterations", ge=0, le=100)
+    refine_tolerance: float = Field(
+        0.01, title="Refine tolerance (0: the paper's fixed count)", ge=0.0, le=0.5, ui_step=0.005,
+        description="refinement stops once an iteration improves the loss by less than this fraction",
+    )
     mask_threshold: float = Field(0.4, title="Mask threshold", ge=0.0, le=1.0)
     morphology: Morphology = Field(Morphology.NONE, title="Mask morphology")
     mask_start: float = Field(0.0, title="First step with masks (fraction)", ge=0.0, le=1.0)
@@ -121,6 +125,7 @@ class CLoRAArgs(_Strict):
         return EngineSettings(
             step_size=self.step_size,
             schedule=schedule,
+            refine_tolerance=self.refine_tolerance or None,
             mask_threshold=self.mask_threshold,
             morphology=self.morphology,
         )
@@ -164,6 +169,7 @@ SETTING_FIELDS = (
     "update_fraction",
     "refine_at",
     "refine_iterations",
+    "refine_tolerance",
     "mask_threshold",
     "morphology",
     "mask_start",

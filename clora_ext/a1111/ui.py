@@ -40,10 +40,19 @@ def _component(name: str, value: Any, **kwargs: Any) -> gr.components.Component:
     if isinstance(value, bool):
         return gr.Checkbox(label=label, value=value, **kwargs)
     if info.ge is not None and info.le is not None:
-        integer = isinstance(field.get_default(), int) and not isinstance(field.get_default(), float)
-        step = 1 if integer else (0.05 if info.le - info.ge <= 10 else 0.5)
-        return gr.Slider(label=label, minimum=info.ge, maximum=info.le, step=step, value=value, **kwargs)
+        return gr.Slider(label=label, minimum=info.ge, maximum=info.le, step=_slider_step(field), value=value, **kwargs)
     return gr.Textbox(label=label, value=value, placeholder=info.description or "", **kwargs)
+
+
+def _slider_step(field: Any) -> float:
+    """Integers step by 1; a field may name its own step (``ui_step``); else by its range."""
+    info = field.field_info
+    if "ui_step" in info.extra:
+        return info.extra["ui_step"]
+    default = field.get_default()
+    if isinstance(default, int) and not isinstance(default, bool):
+        return 1
+    return 0.05 if info.le - info.ge <= 10 else 0.5
 
 
 def build_img2img() -> list:
@@ -119,8 +128,7 @@ def register_settings() -> None:
         elif isinstance(default, bool):
             component, args = gr.Checkbox, {}
         elif info.ge is not None and info.le is not None:
-            step = 1 if isinstance(default, int) else 0.05 if info.le - info.ge <= 10 else 0.5
-            component, args = gr.Slider, {"minimum": info.ge, "maximum": info.le, "step": step}
+            component, args = gr.Slider, {"minimum": info.ge, "maximum": info.le, "step": _slider_step(field)}
         else:
             component, args = gr.Textbox, {}
         shared.opts.add_option(
