@@ -26,7 +26,7 @@ from modules import extra_networks, shared
 
 from ..lora_file import LoRAFileError, map_lora, read_lora_file
 from ..routing import Delta, DenseDelta, LowRankDelta, Route, RowRouter
-from .plan import CLoRARuntimeError
+from .plan import CLoRARuntimeError, suggest_names
 
 
 def networks() -> Any:
@@ -52,8 +52,7 @@ def on_disk(name: str) -> Any:
         nets.list_available_networks()
         found = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
     if found is None:
-        names = ", ".join(lora_names()) or "none"
-        raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} is not installed (installed: {names})")
+        raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} is not installed; {suggest_names(name, lora_names())}")
     if not found.filename.lower().endswith(".safetensors"):  # the host would unpickle .pt/.ckpt
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} is not a .safetensors file; CLoRA never unpickles files")
     return found
@@ -107,13 +106,17 @@ def _check_version(entry: Any, model: Any) -> None:
 def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
     unet_root = model.model.diffusion_model
     param = next(unet_root.parameters())
-    net = networks().load_network(name, entry)
+    try:
+        net = networks().load_network(name, entry)
+    except Exception as e:  # the host's reader: safetensors errors, unknown module types, ...
+        raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} cannot be read ({type(e).__name__}: {e}); is the file complete?") from None
     net.te_multiplier = net.unet_multiplier = 1.0  # our own object: multipliers go on the routes
     lora = HostLoRA(name, mtime)
     if net.modules:
         names = {id(m): n for n, m in unet_root.named_modules()}
         for module in net.modules.values():
             target = module.sd_module
+            _check_fits(name, module, target)
             if id(target) not in names:
                 lora.te_network = net  # a text-encoder module: the host applies it while encoding
                 continue
@@ -128,6 +131,34 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
     if not lora.unet and lora.te_network is None and not lora.te_deltas:
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} has no layer that matches the loaded model")
     return lora
+
+
+def _check_fits(name: str, module: Any, target: nn.Module) -> None:
+    """Refuse a LoRA whose layer shapes do not fit the model (another model family).
+
+    The host matches keys by name only (an SDXL LoRA's ``input_blocks_4`` keys exist in
+    SD1.5 too) and, when merging, logs and skips what does not fit; routing would fail
+    mid-sampling instead.
+    """
+    weight = getattr(target, "weight", None)
+    if weight is None:
+        return
+    if type(module).__name__ == "NetworkModuleLora":
+        up, down = module.up_model.weight, module.down_model.weight
+        fits = up.shape[0] == weight.shape[0] and down.shape[1] == weight.shape[1]
+    else:
+        try:
+            with torch.no_grad():
+                module.calc_updown(weight)
+            fits = True
+        except RuntimeError:
+            fits = False
+    if not fits:
+        family = "SDXL" if shared.sd_model.is_sdxl else "SD2" if shared.sd_model.is_sd2 else "SD1.x"
+        raise CLoRARuntimeError(
+            f"CLoRA: LoRA {name!r} does not fit the loaded {family} model (layer {module.network_key}); "
+            "it is made for another model family"
+        )
 
 
 def _delta(module: Any, target: nn.Module) -> Delta:

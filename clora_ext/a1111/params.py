@@ -62,6 +62,8 @@ class ConceptArgs(_Strict):
     def _real_lora(cls, v: str) -> str:
         if v.strip() in ("", NO_LORA):
             raise ValueError("a LoRA name is required")
+        if any(sep in v for sep in ("/", "\\", "..")):
+            raise ValueError("a LoRA name as the Lora tab lists it, not a path ('/', '\\' and '..' are not allowed)")
         return v.strip()
 
     def concept(self) -> Concept:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Protocol, Sequence
 
@@ -331,3 +333,14 @@ def select_rows(table: torch.Tensor | dict, index: torch.Tensor) -> torch.Tensor
     if isinstance(table, dict):
         return {k: v.index_select(0, index.to(v.device)) for k, v in table.items()}
     return table.index_select(0, index.to(table.device))
+
+
+def suggest_names(name: str, installed: Sequence[str]) -> str:
+    """The end of a "not installed" message: the closest installed names, if any are close."""
+    if not installed:
+        return "no LoRA is installed (models/Lora)"
+    close = difflib.get_close_matches(name, installed, n=3, cutoff=0.5)
+    close = close or difflib.get_close_matches(name.lower(), [n.lower() for n in installed], n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return f"{len(installed)} LoRAs are installed (see the Lora tab or GET /sdapi/v1/loras)"

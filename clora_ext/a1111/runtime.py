@@ -22,6 +22,7 @@ forward; a ``cfg_denoiser`` callback that edits ``x_in`` or the conds is not see
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Any
 
 import torch
@@ -75,6 +76,19 @@ def install() -> None:
 
     forward.__clora__ = True
     patches.patch(__name__, cls, "forward", forward)
+
+
+def check_host() -> None:
+    """Refuse host setups whose UNet is not the ldm/sgm module CLoRA hooks into."""
+    if importlib.util.find_spec("modules_forge") is not None:
+        raise CLoRARuntimeError("CLoRA: the Forge backend is not supported; CLoRA runs on AUTOMATIC1111 1.x")
+    from modules import sd_unet  # a replaced UNet (TensorRT, ...) never runs our layers
+
+    if sd_unet.current_unet is not None:
+        label = getattr(getattr(sd_unet.current_unet, "option", None), "label", "another UNet")
+        raise CLoRARuntimeError(
+            f"CLoRA: the UNet is replaced by {label!r} (e.g. TensorRT); set Settings > SD UNet to None to use CLoRA"
+        )
 
 
 def start(p: Any, args: CLoRAArgs | None, error: Exception | None = None) -> "Run":

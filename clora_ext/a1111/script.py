@@ -52,6 +52,7 @@ class CLoRAScript(scripts.Script):
             print("CLoRA: enabled without any concept row (subject + LoRA); nothing to do")
             return
         try:
+            runtime.check_host()
             for concept in parsed.concepts:
                 lora_bridge.on_disk(concept.lora)  # fail early, naming a LoRA that is missing
         except CLoRARuntimeError as e:
