@@ -66,8 +66,9 @@ def run(out_dir: str, steps: int = 20, seed: int = 7, latent: int = 32, sampler:
             ConceptLoRA(Concept("cat", "cat_lora", trigger="sks"), map_lora(read_lora_file(cat), unet, te)),
             ConceptLoRA(Concept("dog", "dog_lora", trigger="ohwx"), map_lora(read_lora_file(dog), unet, te)),
         ]
-    # the paper's schedule scaled to the step count: updates in the first half, refinement at 0/20/40 %
-    settings = EngineSettings(schedule=Schedule(refine_iterations=max(1, round(20 * steps / 50))))
+    # the paper's schedule scaled to the step count (updates in the first half, refinement at 0/20/40 %)
+    # with its fixed refinement count, so that the first step shows the whole effect of the update
+    settings = EngineSettings(schedule=Schedule(refine_iterations=max(1, round(20 * steps / 50))), refine_tolerance=None)
     common = dict(seed=seed, steps=steps, sampler=sampler, latent_hw=(latent, latent), concepts=concepts, settings=settings)
 
     first: dict[str, StepOutput] = {}
@@ -97,6 +98,7 @@ def run(out_dir: str, steps: int = 20, seed: int = 7, latent: int = 32, sampler:
         "prompt": PROMPT,
         "concepts": {"cat": "cat_lora (kohya, trigger sks)", "dog": "dog_lora (PEFT, trigger ohwx)"},
         "steps": steps,
+        "refine_iterations": settings.schedule.refine_iterations,
         "sampler": sampler,
         "latent": [latent, latent],
         "loss_before": before.loss_after,
