@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..concepts import Composition, Concept
-from ..engine import CLoRAEngine, EngineHooks, EngineSettings, LoRAUse, RowLayout
+from ..engine import CLoRAEngine, EngineHooks, EngineSettings, LoRAUse, RowLayout, RowModel
 from ..lora_file import MappedLoRA
 from ..routing import Route, RowRouter
 from ..tokens import BPEChunkTokenizer, pad_chunks, plan_token_maps
@@ -118,12 +118,19 @@ def generate(
     hooks: EngineHooks | None = None,
     on_step: Callable[[int, CLoRAEngine | None], None] | None = None,
     allow_update: bool = True,
+    row_model_wrapper: Callable[[RowModel], RowModel] | None = None,
 ) -> tuple[torch.Tensor, CLoRAEngine | None]:
-    """Sample a latent. With ``concepts``, every step goes through the CLoRA engine."""
+    """Sample a latent. With ``concepts``, every step goes through the CLoRA engine.
+
+    The latent lives on the UNet's device (the seeded noise is drawn on the CPU, so
+    every device starts from the same noise). ``row_model_wrapper`` wraps each step's
+    row model (e.g. the benchmark's timers) before the engine or the plain path calls it.
+    """
     if sampler not in ("euler", "ddim"):
         raise ValueError(f"unknown sampler {sampler!r}")
+    device = next(model.unet.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((batch_size, 4, *latent_hw), generator=gen)
+    noise = torch.randn((batch_size, 4, *latent_hw), generator=gen).to(device)
     sched = model.schedule
     timesteps = sched.timesteps(steps)
     sigmas = torch.cat([sched.sigmas[timesteps.long()], torch.zeros(1, dtype=torch.float64)]).float()
@@ -144,22 +151,24 @@ def generate(
         for i in range(steps):
             sigma = sigmas[i]
             if sampler == "euler":
-                t = sched.sigma_to_t(sigma.reshape(1))
+                t = sched.sigma_to_t(sigma.reshape(1)).to(device)
                 c_in = float((sigma**2 + 1) ** -0.5)
                 space = SigmaSpace(sigma.reshape(1))
             else:
-                t = timesteps[i].float().reshape(1)
+                t = timesteps[i].float().reshape(1).to(device)
                 c_in = 1.0
                 space = DDPMSpace()
 
             def row_model(x_rows, layout, t=t, c_in=c_in):
                 return eps_model(x_rows, layout, t, c_in)
 
+            if row_model_wrapper is not None:
+                row_model = row_model_wrapper(row_model)
             if engine is not None:
                 out = engine.step(x, i, steps, space, row_model, allow_update=allow_update)
                 e_cond, e_uncond = out.cond, out.uncond
             else:
-                layout = RowLayout.build(batch_size, 1, with_uncond=True)
+                layout = RowLayout.build(batch_size, 1, with_uncond=True, device=device)
                 with torch.no_grad():
                     e = row_model(x.index_select(0, layout.image), layout)
                 e_cond, e_uncond = e[:batch_size], e[batch_size:]

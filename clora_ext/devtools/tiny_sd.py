@@ -41,26 +41,35 @@ EOS: int = 49407
 #: Token ids per text-encoder chunk (75 prompt tokens + BOS + EOS).
 CHUNK_LEN: int = 77
 
-_LAYOUTS = ("sd15", "sdxl")
+_LAYOUTS = ("sd15", "sdxl", "sd15-full")
+
+#: Context width each layout uses when ``context_dim`` is not given.
+DEFAULT_CONTEXT_DIM = {"sd15": 32, "sdxl": 32, "sd15-full": 768}
 
 
-def tiny_unet_config(layout: str = "sd15", context_dim: int = 32) -> dict[str, Any]:
+def tiny_unet_config(layout: str = "sd15", context_dim: int | None = None) -> dict[str, Any]:
     """Return the ``UNetModel`` keyword arguments used by :func:`build_tiny_unet`.
 
     ``sd15``: SD1.5's layout (attention at ds 1, 2, 4; 4 levels; depth 1).
     ``sdxl``: SDXL's layout (3 levels; attention only at ds 2 and 4;
     linear proj_in/proj_out; depth 2 standing in for SDXL's 2/10).
+    ``sd15-full``: SD1.5's real UNet config (v1-inference.yaml: 320 channels,
+    8 heads, context 768; ~860M parameters, 3.4 GB in fp32), random weights.
+    For benchmarks; far too slow for unit tests.
     """
-    if layout == "sd15":
+    if context_dim is None:
+        context_dim = DEFAULT_CONTEXT_DIM.get(layout, 32)
+    if layout in ("sd15", "sd15-full"):
+        full = layout == "sd15-full"  # the real SD1.5 widths (v1-inference.yaml)
         return dict(
             image_size=32,
             in_channels=4,
             out_channels=4,
-            model_channels=32,
+            model_channels=320 if full else 32,
             attention_resolutions=[4, 2, 1],
             num_res_blocks=2,
             channel_mult=[1, 2, 4, 4],
-            num_heads=2,
+            num_heads=8 if full else 2,
             use_spatial_transformer=True,
             transformer_depth=1,
             context_dim=context_dim,
@@ -150,10 +159,12 @@ def _reinit_(model: nn.Module, seed: int) -> None:
             p.copy_(value.to(dtype=p.dtype, device=p.device))
 
 
-def build_tiny_unet(layout: str = "sd15", seed: int = 0, context_dim: int = 32) -> nn.Module:
+def build_tiny_unet(layout: str = "sd15", seed: int = 0, context_dim: int | None = None) -> nn.Module:
     """Build a tiny, seeded ``ldm`` ``UNetModel`` (fp32, eval mode, CPU).
 
-    ``layout`` is ``"sd15"`` or ``"sdxl"`` (see :func:`tiny_unet_config`).
+    ``layout`` is ``"sd15"``, ``"sdxl"`` or ``"sd15-full"`` (see
+    :func:`tiny_unet_config`); ``context_dim`` defaults to 32 for the tiny
+    layouts and 768 for ``sd15-full``.
     Call it as ``unet(x, timesteps, context=ctx)`` with ``x`` of shape
     (B, 4, H, W) (H, W multiples of 8 for sd15, of 4 for sdxl), ``timesteps``
     of shape (B,) and ``ctx`` of shape (B, T, context_dim).

@@ -1,0 +1,76 @@
+"""The benchmark's quick path runs end to end through its Python API (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("ldm")
+
+from bench import format_table, quick_options, run_benchmark  # noqa: E402
+from bench.attention import attention_modules  # noqa: E402
+
+
+def _positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_quick_bench_structure(tmp_path):
+    opts = quick_options(steps=4, loras=(2,), configs="abcd", latent=8, warmup=False)
+    results = run_benchmark(opts, log=lambda message: None)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(results))  # JSON-serialisable
+    results = json.loads(path.read_text())
+
+    assert set(results) == {"2"}
+    entry = results["2"]
+    for key in ("d_over_a", "d_over_c", "b_over_d", "mem_d_over_a", "cpu_d_over_a", "cpu_b_over_d", "probe_norm_d_over_c"):
+        assert _positive(entry[key]), (key, entry[key])
+    assert set(entry["configs"]) == {"a", "b", "c", "d"}
+    for c, r in entry["configs"].items():
+        assert _positive(r["seconds"]) and r["peak_bytes"] > 0, c
+        assert r["peak_bytes"] >= r["before_bytes"] or r["memory_method"].startswith("sampled"), c
+
+    a, b, c, d = (entry["configs"][k] for k in "abcd")
+    assert a["unet_rows"] == 2 * 4  # one batch-2 call per step
+    assert c["fused_rows"] == d["fused_rows"] == 2 * 3 * 4  # cond+uncond x (base + 2 LoRAs) x steps
+    assert c["gradient_passes"] == 0 and c["gradient_rows"] == 0
+    assert 1 <= d["gradient_passes"] <= d["gradient_passes_max"]
+    assert d["gradient_rows"] == 3 * d["gradient_passes"]  # cond rows only
+    # (b): every round runs all 3 variants as batch-2 calls; a fixed refine count, no early stop
+    settings = entry["settings"]
+    assert b["unet_calls"] == 3 * b["forward_rounds"]
+    assert b["backward_passes"] == d["gradient_passes_max"]
+    assert b["refine_rounds"] == settings["refine_iterations"] * len(settings["refine_steps"])
+    assert set(entry["d_breakdown"]) >= {"fused_passes_seconds", "gradient_seconds", "refinement_seconds", "other_seconds"}
+    assert d["regular_update_passes"] == settings["update_steps"]  # one regular pass per update step
+    assert d["regular_update_passes"] + d["refinement_passes"] == d["gradient_passes"]
+    assert entry["d_gradient_passes"] == d["gradient_passes"]
+    assert "| 2 |" in format_table(results)
+
+
+def test_attention_swaps_are_per_instance_and_restored(tiny_unet):
+    import torch
+
+    from bench.attention import explicit_attention, fast_attention
+
+    modules = attention_modules(tiny_unet)
+    assert modules and all("forward" not in m.__dict__ for m in modules.values())
+    cls_forward = {type(m): type(m).forward for m in modules.values()}
+    x = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([500.0])
+    ctx = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        base = tiny_unet(x, t, context=ctx)
+        with fast_attention(tiny_unet):
+            assert all("forward" in m.__dict__ for m in modules.values())
+            fast = tiny_unet(x, t, context=ctx)
+            with explicit_attention(tiny_unet):
+                eager = tiny_unet(x, t, context=ctx)
+            assert all("forward" in m.__dict__ for m in modules.values())  # the outer swap is back
+    assert all("forward" not in m.__dict__ for m in modules.values())
+    assert {type(m): type(m).forward for m in modules.values()} == cls_forward
+    torch.testing.assert_close(fast, base, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eager, base, rtol=1e-4, atol=1e-5)
