@@ -45,13 +45,16 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _sdpa_forward(self: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+def _qkv(self: nn.Module, x: torch.Tensor, context: torch.Tensor | None, mask) -> tuple[torch.Tensor, ...]:
+    """Per-head q, k, v of a CrossAttention module (self-attention when ``context`` is None)."""
     if mask is not None:
         raise NotImplementedError("attention masks are not used by the SD UNet")
     context = x if context is None else context
-    q = _split_heads(self.to_q(x), self.heads)
-    k = _split_heads(self.to_k(context), self.heads)
-    v = _split_heads(self.to_v(context), self.heads)
+    return tuple(_split_heads(proj(t), self.heads) for proj, t in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+
+
+def _sdpa_forward(self: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+    q, k, v = _qkv(self, x, context, mask)
     out = F.scaled_dot_product_attention(q, k, v, scale=getattr(self, "scale", None))
     return self.to_out(_merge_heads(out))
 
@@ -87,12 +90,7 @@ class MapRecorder:
 
 def _explicit_forward(recorder: MapRecorder | None, cross: bool) -> Callable:
     def forward(self: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None, mask=None) -> torch.Tensor:
-        if mask is not None:
-            raise NotImplementedError("attention masks are not used by the SD UNet")
-        context = x if context is None else context
-        q = _split_heads(self.to_q(x), self.heads)
-        k = _split_heads(self.to_k(context), self.heads)
-        v = _split_heads(self.to_v(context), self.heads)
+        q, k, v = _qkv(self, x, context, mask)
         scale = getattr(self, "scale", q.shape[-1] ** -0.5)
         probs = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
         if cross and recorder is not None:
