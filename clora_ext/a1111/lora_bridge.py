@@ -143,9 +143,11 @@ def _check_fits(name: str, module: Any, target: nn.Module) -> None:
     weight = getattr(target, "weight", None)
     if weight is None:
         return
+    detail = ""
     if type(module).__name__ == "NetworkModuleLora":
         up, down = module.up_model.weight, module.down_model.weight
         fits = up.shape[0] == weight.shape[0] and down.shape[1] == weight.shape[1]
+        detail = f": out x in is {weight.shape[0]}x{weight.shape[1]} in the model, {up.shape[0]}x{down.shape[1]} in the LoRA"
     else:
         try:
             with torch.no_grad():
@@ -156,7 +158,7 @@ def _check_fits(name: str, module: Any, target: nn.Module) -> None:
     if not fits:
         family = "SDXL" if shared.sd_model.is_sdxl else "SD2" if shared.sd_model.is_sd2 else "SD1.x"
         raise CLoRARuntimeError(
-            f"CLoRA: LoRA {name!r} does not fit the loaded {family} model (layer {module.network_key}); "
+            f"CLoRA: LoRA {name!r} does not fit the loaded {family} model (layer {module.sd_key}{detail}); "
             "it is made for another model family"
         )
 

@@ -96,7 +96,21 @@ def start(p: Any, args: CLoRAArgs | None, error: Exception | None = None) -> "Ru
     global _active
     reset()
     _active = Run(p, args, error)
+    _finish_on_close(p)
     return _active
+
+
+def _finish_on_close(p: Any) -> None:
+    """The host closes ``p`` even when sampling raised (``with closing(p)``): end the run there too."""
+    close = p.close
+
+    def close_and_finish() -> None:
+        try:
+            finish(p)
+        finally:
+            close()
+
+    p.close = close_and_finish
 
 
 def finish(p: Any) -> "Run | None":
@@ -155,6 +169,9 @@ class Run:
         denoiser.model_wrap = FusedProxy(inner, fused, self._pass.rows)
         try:
             return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+        except BaseException:  # sampling ends here: take the hooks off the model now
+            self._close_pass()
+            raise
         finally:
             denoiser.model_wrap = inner
 
