@@ -67,12 +67,6 @@ class RowLayout:
             torch.tensor(uncond, dtype=torch.bool, device=device),
         )
 
-    def row(self, image: int, variant: int, uncond: bool = False) -> int:
-        """Row index in a layout made by ``build``."""
-        images = int(self.image.max()) + 1
-        variants = int(self.variant.max()) + 1
-        return (int(uncond) * images + image) * variants + variant
-
 
 class RowModel(Protocol):
     def __call__(self, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
