@@ -139,12 +139,15 @@ class RowRouter:
                 continue
             if max(route.rows) >= batch_rows or min(route.rows) < 0:
                 raise ValueError(f"route {route.name!r} names rows outside 0..{batch_rows - 1}")
+            rows_on: dict[torch.device, torch.Tensor] = {}  # one index tensor per device, not per module
             for name, delta in route.deltas.items():
                 module = self._modules.get(name)
                 if not isinstance(module, (nn.Linear, nn.Conv2d)):
                     raise KeyError(f"LoRA {route.name!r} targets {name!r}, which is not a Linear/Conv2d of this model")
                 weight = module.weight
-                rows = torch.as_tensor(list(route.rows), dtype=torch.long, device=weight.device)
+                if weight.device not in rows_on:
+                    rows_on[weight.device] = torch.as_tensor(list(route.rows), dtype=torch.long, device=weight.device)
+                rows = rows_on[weight.device]
                 target = targets.setdefault(name, _Target(module))
                 target.routes.append((rows, delta.to(weight.device, weight.dtype), route.multiplier))
         self._targets = targets
