@@ -1,0 +1,113 @@
+"""The miniature world's text-to-image model: an ``ldm`` UNet and a CLIP text encoder, small.
+
+The UNet keeps SD1.5's block layout where CLoRA looks: four levels, two res blocks
+each, so that ``input_blocks`` 7, 8 and ``output_blocks`` 3, 4, 5 hold the H/32
+cross-attention (8x8 for the 32x32 latent). To train on a CPU, attention lives only
+there (and in the middle block); the widths are small. The text encoder is a
+transformers ``CLIPTextModel`` over CLIP's real BPE vocabulary, trained with the UNet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from clora_ext.devtools.pipeline import TinySD
+from clora_ext.devtools.tiny_sd import BOS, CHUNK_LEN, EOS
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+MANIFEST = os.path.join(WEIGHTS_DIR, "manifest.json")
+
+TEXT_WIDTH = 64
+
+UNET_CONFIG: dict[str, Any] = dict(
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    attention_resolutions=[4],  # ds 4 = H/32 of the image: input_blocks 7, 8, output_blocks 3, 4, 5
+    num_res_blocks=2,
+    channel_mult=[1, 1, 2, 2],
+    num_heads=2,
+    use_spatial_transformer=True,
+    transformer_depth=1,
+    context_dim=TEXT_WIDTH,
+    legacy=False,
+)
+
+TEXT_CONFIG: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=TEXT_WIDTH,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=4 * TEXT_WIDTH,
+    max_position_embeddings=CHUNK_LEN,
+    hidden_act="quick_gelu",
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    pad_token_id=EOS,
+)
+
+
+def build_unet(use_checkpoint: bool = True) -> nn.Module:
+    """The UNet with its default (ldm) initialisation. ``use_checkpoint`` as SD's configs set it."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    return UNetModel(**UNET_CONFIG, use_checkpoint=use_checkpoint)
+
+
+def build_text_encoder() -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+
+
+def save_model(unet: nn.Module, text_encoder: nn.Module, path: str) -> None:
+    """Both networks in one safetensors file, fp16 (the CPU upcasts to fp32 on load)."""
+    tensors = {f"unet.{k}": v.detach().half().contiguous() for k, v in unet.state_dict().items()}
+    tensors.update({f"text.{k}": v.detach().half().contiguous() for k, v in text_encoder.state_dict().items()
+                    if not k.endswith("position_ids")})
+    save_file(tensors, path)
+
+
+def load_model(path: str | None = None, device: str | torch.device = "cpu") -> TinySD:
+    """The trained model (fp32, eval mode) as the harness's ``TinySD``."""
+    path = path or os.path.join(WEIGHTS_DIR, "base.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; train it with `python -m miniworld.train_base`")
+    tensors = load_file(path)
+    unet, te = build_unet(), build_text_encoder()
+    unet.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("unet.")})
+    missing, unexpected = te.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("text.")}, strict=False)
+    if unexpected or [m for m in missing if not m.endswith("position_ids")]:
+        raise ValueError(f"{path}: text encoder keys do not match ({missing[:3]}, {unexpected[:3]})")
+    return TinySD(unet.float().eval().to(device), te.float().eval().to(device))
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest() -> dict:
+    with open(MANIFEST) as f:
+        return json.load(f)
+
+
+def update_manifest(section: str, entry: dict) -> None:
+    """Set one section of ``weights/manifest.json`` (base, a LoRA, or figures)."""
+    data = read_manifest() if os.path.exists(MANIFEST) else {}
+    data[section] = entry
+    os.makedirs(WEIGHTS_DIR, exist_ok=True)
+    with open(MANIFEST, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
