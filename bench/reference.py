@@ -1,7 +1,7 @@
 """Configuration (b): the reference implementation's COST STRUCTURE, re-enacted with our own code.
 
 Nothing here is the reference's code; it reproduces how the reference spends its
-time and memory (spec section 6), so that the benchmark can compare against it on
+time and memory (docs/algorithm.md, section 6), so that the benchmark can compare against it on
 the same model, sampler, seed and size:
 
 * per step, every variant (base + one per content LoRA) runs its own, sequential

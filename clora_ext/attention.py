@@ -1,4 +1,4 @@
-"""Cross-attention map capture (spec section 3).
+"""Cross-attention map capture (docs/algorithm.md, section 3).
 
 Hooks sit on chosen cross-attention module instances (ldm and sgm ``CrossAttention``:
 ``to_q``, ``to_k``, ``heads``, ``scale``). The layer's output is whatever its own,

@@ -1,4 +1,4 @@
-"""Concepts and prompt variants (spec sections 1 and 2).
+"""Concepts and prompt variants (docs/algorithm.md, sections 1 and 2).
 
 A *concept* maps a subject phrase of the prompt to a LoRA. Content concepts get a
 prompt variant of their own: the base prompt with the concept's trigger words

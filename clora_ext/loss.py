@@ -1,4 +1,4 @@
-"""Contrastive objective over attention maps (spec section 4)."""
+"""Contrastive objective over attention maps (docs/algorithm.md, section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Masks from attention maps and the masked fusion of variant predictions (spec section 5)."""
+"""Masks from attention maps and the masked fusion of variant predictions (docs/algorithm.md, section 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-row LoRA routing (spec section 6).
+"""Per-row LoRA routing (docs/algorithm.md, section 6).
 
 All prompt variants run in one batch; each batch row gets the deltas of its own
 LoRAs only. A forward hook on every targeted Linear/Conv2d adds, for each route,

@@ -1,4 +1,4 @@
-"""Token positions of subject and trigger phrases (spec section 2).
+"""Token positions of subject and trigger phrases (docs/algorithm.md, section 2).
 
 Positions follow the chunked layout that SD text encoders see: every chunk is 77
 tokens, BOS + 75 content tokens (padded) + EOS, and chunks are concatenated along
@@ -92,7 +92,7 @@ def plan_token_maps(
     tokenizer: PromptTokenizer,
     texts: Sequence[str] | None = None,
 ) -> list[TokenMapSpec]:
-    """Concept groups of spec section 2, as a flat list of token maps.
+    """Concept groups of docs/algorithm.md section 2, as a flat list of token maps.
 
     G_k holds the tokens of subject k in every variant and of trigger k in V_k; the
     mask tokens of V_k are its own subject and trigger tokens. ``texts`` overrides

@@ -1,4 +1,4 @@
-"""Latent update and its schedule (spec section 4).
+"""Latent update and its schedule (docs/algorithm.md, section 4).
 
 The step size alpha is defined in the DDPM latent space (x_t = sqrt(abar) z0 +
 sqrt(1 - abar) eps), where the paper and Attend-and-Excite take their steps. In

@@ -62,6 +62,15 @@ def build_unet(use_checkpoint: bool = True) -> nn.Module:
     return UNetModel(**UNET_CONFIG, use_checkpoint=use_checkpoint)
 
 
+def set_checkpointing(root: nn.Module, enabled: bool) -> None:
+    """Switch ldm's gradient checkpointing (``checkpoint`` / ``use_checkpoint`` flags); training needs it off:
+    ldm's checkpoint function cannot differentiate through frozen weights."""
+    for module in root.modules():
+        for attr in ("checkpoint", "use_checkpoint"):
+            if isinstance(module.__dict__.get(attr), bool):
+                setattr(module, attr, enabled)
+
+
 def build_text_encoder() -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -71,7 +71,7 @@ class ConceptArgs(_Strict):
 
 
 class CLoRAArgs(_Strict):
-    """Everything one CLoRA generation needs. Defaults are the paper's (spec sections 4 and 5)."""
+    """Everything one CLoRA generation needs. Defaults are the paper's (docs/algorithm.md, sections 4 and 5)."""
 
     enabled: bool = Field(False, title="CLoRA")
     concepts: List[ConceptArgs] = Field(default_factory=list, title="Concepts", max_items=MAX_CONCEPTS)

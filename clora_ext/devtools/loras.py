@@ -36,8 +36,28 @@ def _factors(module: nn.Module, rank: int, gen: torch.Generator, strength: float
     return down.contiguous(), up.contiguous()
 
 
-def _targets(root: nn.Module, pattern: re.Pattern[str]) -> list[tuple[str, nn.Module]]:
+def lora_targets(root: nn.Module, pattern: re.Pattern[str]) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in root.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and pattern.search(n)]
+
+
+def kohya_unet_key(ldm_name: str, unet_naming: str = "diffusers") -> str:
+    """kohya key of an ldm UNet module (diffusers naming by default, as SD1.x kohya files use)."""
+    dotted = ldm_to_diffusers(ldm_name) if unet_naming == "diffusers" else ldm_name
+    if dotted is None:
+        raise ValueError(f"{ldm_name!r} has no diffusers name")
+    return "lora_unet_" + dotted.replace(".", "_")
+
+
+def kohya_te_key(name: str) -> str:
+    """kohya key of a transformers CLIP text-encoder module (``text_model.encoder...``)."""
+    return "lora_te_" + name.replace(".", "_")
+
+
+def put_kohya(tensors: dict[str, torch.Tensor], key: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
+    """Add one module's kohya tensors (``lora_down``, ``lora_up``, ``alpha``) to ``tensors``."""
+    tensors[f"{key}.lora_down.weight"] = down
+    tensors[f"{key}.lora_up.weight"] = up
+    tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
 
 
 def write_kohya_lora(
@@ -55,23 +75,14 @@ def write_kohya_lora(
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     pattern = re.compile(f"{UNET_TARGETS.pattern}|{LOCON_TARGETS.pattern}") if conv else UNET_TARGETS
-    for name, module in _targets(unet, pattern):
-        dotted = ldm_to_diffusers(name) if unet_naming == "diffusers" else name
-        assert dotted is not None, name
-        key = "lora_unet_" + dotted.replace(".", "_")
-        _put(tensors, key, *_factors(module, rank, gen, strength), alpha)
+    for name, module in lora_targets(unet, pattern):
+        put_kohya(tensors, kohya_unet_key(name, unet_naming), *_factors(module, rank, gen, strength), alpha)
     if text_encoder is not None:
-        for name, module in _targets(text_encoder, TE_TARGETS):
-            _put(tensors, "lora_te_" + name.replace(".", "_"), *_factors(module, rank, gen, strength), alpha)
+        for name, module in lora_targets(text_encoder, TE_TARGETS):
+            put_kohya(tensors, kohya_te_key(name), *_factors(module, rank, gen, strength), alpha)
     path = os.fspath(path)
     save_file(tensors, path, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
     return path
-
-
-def _put(tensors: dict[str, torch.Tensor], key: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
-    tensors[f"{key}.lora_down.weight"] = down
-    tensors[f"{key}.lora_up.weight"] = up
-    tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
 
 
 def write_peft_lora(
@@ -85,12 +96,12 @@ def write_peft_lora(
     """Write a diffusers/PEFT LoRA (``unet.<diffusers name>.lora_A.weight``; scale 1)."""
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
-    for name, module in _targets(unet, UNET_TARGETS):
+    for name, module in lora_targets(unet, UNET_TARGETS):
         down, up = _factors(module, rank, gen, strength)
         key = f"unet.{ldm_to_diffusers(name)}"
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
     if text_encoder is not None:
-        for name, module in _targets(text_encoder, TE_TARGETS):
+        for name, module in lora_targets(text_encoder, TE_TARGETS):
             down, up = _factors(module, rank, gen, strength)
             tensors[f"text_encoder.{name}.lora_A.weight"], tensors[f"text_encoder.{name}.lora_B.weight"] = down, up
     path = os.fspath(path)
