@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(VPY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(VPY) -m clora_ext.demo --out $(OUT)
+	$(VPY) -m miniworld.demo --out $(OUT)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -3,6 +3,7 @@
 * ``plain``: the prompt without any LoRA;
 * ``merge``: every LoRA merged into the weights at weight 1 (UNet and text encoder),
   every trigger in the prompt: what users do without CLoRA;
+* ``fusion_only``: CLoRA's masks and fusion without the latent update;
 * ``clora``: CLoRA through the core engine (``clora_ext.engine``), with the settings given.
 """
 
@@ -10,21 +11,21 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from clora_ext.concepts import Composition, Role, insert_before_phrase
 from clora_ext.devtools.pipeline import ConceptLoRA, TinySD, generate
-from clora_ext.engine import EngineSettings
+from clora_ext.engine import CLoRAEngine, EngineSettings
 from clora_ext.routing import merged
 
 from .loras import LORAS, concept
 from .oracle import Analysis, Subject, analyse, is_grainy, judge
 from .scenes import to_image
 
-METHODS = ("plain", "merge", "clora")
+METHODS = ("plain", "merge", "fusion_only", "clora")
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,10 @@ def run(
     sampler: str = "euler",
     cfg_scale: float = 5.0,
     settings: EngineSettings = EngineSettings(),
-    allow_update: bool = True,
     concepts: Sequence[ConceptLoRA] | None = None,
+    on_step: Callable[[int, CLoRAEngine | None], None] | None = None,
 ) -> Result:
-    """One picture of ``task`` by ``method``, judged by the oracle."""
+    """One picture of ``task`` by ``method``, judged by the oracle. ``on_step`` sees the engine after each step."""
     concepts = list(concepts) if concepts is not None else task.concepts(model)
     common = dict(seed=seed, steps=steps, sampler=sampler, cfg_scale=cfg_scale, latent_hw=(32, 32))
     engine = None
@@ -112,9 +113,9 @@ def run(
     elif method == "merge":
         with _merged_all(model, concepts):
             latent, _ = generate(model, _all_triggers_prompt(task, concepts), **common)
-    elif method == "clora":
-        latent, engine = generate(model, task.prompt, concepts=concepts, settings=settings, allow_update=allow_update,
-                                  **common)
+    elif method in ("clora", "fusion_only"):
+        latent, engine = generate(model, task.prompt, concepts=concepts, settings=settings,
+                                  allow_update=method == "clora", on_step=on_step, **common)
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     image = to_image(latent)[0]
