@@ -133,7 +133,7 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
                 with engine.router.routed(engine._routes(layout), len(layout)), engine.capture.capturing(request):
                     row_model(leaf.index_select(0, layout.image), layout)
                 maps = engine.capture.maps().reshape(1, len(token_maps), *request.map_hw)
-                loss = engine._loss(maps)
+                loss = engine._image_losses(maps).sum()
                 torch.autograd.grad(loss, leaf)
 
         recorder = MapRecorder(map_size(hw)[0] * map_size(hw)[1])

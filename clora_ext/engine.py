@@ -103,10 +103,15 @@ class EngineHooks:
 
 @dataclass
 class StepRecord:
+    """What one sampling step did. Refinement decisions are per image, so is most of this."""
+
     step: int
-    iterations: int = 0
-    losses: list[float] = field(default_factory=list)  # one per gradient pass
-    loss_after: float | None = None  # loss of the maps the fused prediction used
+    iterations: int = 0  # gradient passes that updated at least one image
+    losses: list[float] = field(default_factory=list)  # per gradient pass: summed over the images it ran
+    image_losses: dict[int, list[float]] = field(default_factory=dict)  # image -> its loss at each of its passes
+    image_updates: dict[int, int] = field(default_factory=dict)  # image -> updates kept (taken-back ones excluded)
+    loss_after: float | None = None  # loss of the maps the fused prediction used, summed over the images
+    image_loss_after: list[float] = field(default_factory=list)  # the same, per image
     overlap_after: float | None = None
 
 
@@ -232,43 +237,63 @@ class CLoRAEngine:
         return self.last_output
 
     def _optimise(self, x: torch.Tensor, space: LatentSpace, model: RowModel, iterations: int, record: StepRecord) -> None:
+        """Update ``x`` in place; every image of the batch refines, stops and takes back on its own loss."""
         tolerance = self.settings.refine_tolerance
-        previous: tuple[float, torch.Tensor] | None = None  # (loss, latent) before the last update
+        active = torch.arange(x.shape[0], device=x.device)
+        previous_loss: dict[int, float] = {}
+        previous_x = x.detach().clone() if tolerance is not None else None
         for i in range(iterations):
             if i > 0:
                 self.hooks.on_refine(i, iterations - 1)
             if self.hooks.interrupted():
                 return
             try:
-                with self.differentiable_loss(x, model) as (loss_t, leaf):
-                    loss = float(loss_t.detach())
-                    if not math.isfinite(loss):
+                with self.differentiable_loss(x.index_select(0, active), model) as (losses_t, leaf):
+                    losses = losses_t.detach().float().cpu().tolist()
+                    if not all(math.isfinite(v) for v in losses):
                         self.warn_once("nonfinite", "CLoRA: non-finite loss or gradient; that latent update was skipped")
                         return
-                    record.losses.append(loss)
-                    # decide before the backward pass: a refinement that stops costs no gradient
-                    if previous is not None and tolerance is not None:
-                        if loss > previous[0]:  # the last update overshot: take it back and stop
-                            x.copy_(previous[1])
-                            return
-                        if previous[0] - loss < tolerance * abs(previous[0]):
-                            return
-                    (grad,) = torch.autograd.grad(loss_t, leaf)
+                    record.losses.append(sum(losses))
+                    keep = []
+                    for j, (b, loss) in enumerate(zip(active.tolist(), losses)):
+                        record.image_losses.setdefault(b, []).append(loss)
+                        before = previous_loss.get(b)
+                        # decide before the backward pass: an image that stops costs no gradient
+                        if before is not None and tolerance is not None:
+                            if loss > before:  # its last update overshot: take it back, stop this image
+                                x[b].copy_(previous_x[b])
+                                record.image_updates[b] -= 1
+                                continue
+                            if before - loss < tolerance * abs(before):
+                                continue
+                        keep.append(j)
+                    if not keep:
+                        return
+                    kept = torch.tensor(keep, device=x.device)
+                    (grad,) = torch.autograd.grad(losses_t.index_select(0, kept).sum(), leaf)
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch
                 self.updates_enabled = False
                 self.warn_once("oom", "CLoRA: out of memory in the gradient pass; latent updates skipped for this image")
                 return
+            grad = grad.index_select(0, kept)
             if not torch.isfinite(grad).all():
                 self.warn_once("nonfinite", "CLoRA: non-finite loss or gradient; that latent update was skipped")
                 return
-            if tolerance is not None:
-                previous = (loss, x.detach().clone())
-            apply_update(x, grad, self.settings.step_size, space)
+            active = active.index_select(0, kept)
+            images = active.tolist()
+            if previous_x is not None:
+                previous_x[active] = x[active]
+                previous_loss.update({b: losses[j] for b, j in zip(images, keep)})
+            moved = x.index_select(0, active)
+            apply_update(moved, grad, self.settings.step_size, space.select(active))
+            x.index_copy_(0, active, moved)
+            for b in images:
+                record.image_updates[b] = record.image_updates.get(b, 0) + 1
             record.iterations += 1
 
     @contextlib.contextmanager
     def differentiable_loss(self, x: torch.Tensor, model: RowModel) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The contrastive loss at latent ``x`` with its graph, and the leaf to differentiate it against.
+        """Each image's contrastive loss (B,) at latent ``x`` with its graph, and the leaf to differentiate against.
 
         One gradient pass: the B*V cond rows only, stopped after the last H/32 layer.
         """
@@ -280,13 +305,13 @@ class CLoRAEngine:
             with self.router.routed(self._routes(layout), len(layout)), self.capture.capturing(request):
                 model(leaf.index_select(0, layout.image), layout)
             maps = self.capture.maps().reshape(images, len(self._token_maps), *request.map_hw)
-            yield self._loss(maps), leaf
+            yield self._image_losses(maps), leaf
 
     def loss_and_gradient(self, x: torch.Tensor, model: RowModel) -> tuple[float, torch.Tensor]:
-        """The contrastive loss at latent ``x`` and its gradient w.r.t. ``x`` (one gradient pass)."""
-        with self.differentiable_loss(x, model) as (loss, leaf):
-            (grad,) = torch.autograd.grad(loss, leaf)
-        return float(loss.detach()), grad.detach()
+        """The contrastive loss at latent ``x``, summed over its images, and its gradient (one gradient pass)."""
+        with self.differentiable_loss(x, model) as (losses, leaf):
+            (grad,) = torch.autograd.grad(losses.sum(), leaf)
+        return float(losses.detach().sum()), grad.detach()
 
     def _fused_pass(self, x: torch.Tensor, step: int, total_steps: int, model: RowModel, record: StepRecord) -> StepOutput:
         images = x.shape[0]
@@ -296,7 +321,8 @@ class CLoRAEngine:
             with self.router.routed(self._routes(layout), len(layout)), self.capture.capturing(request):
                 out = model(x.index_select(0, layout.image), layout)
             maps = self.capture.maps().reshape(images, len(self._token_maps), *request.map_hw)
-            record.loss_after = float(self._loss(maps))
+            record.image_loss_after = self._image_losses(maps).tolist()
+            record.loss_after = sum(record.image_loss_after)
             record.overlap_after = float(
                 torch.stack([concept_overlap(m, self._labels.to(m.device)) for m in maps]).mean()
             )
@@ -322,9 +348,10 @@ class CLoRAEngine:
         )
         return resize_masks(small, tuple(latent_hw))
 
-    def _loss(self, maps: torch.Tensor) -> torch.Tensor:
+    def _image_losses(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B,) contrastive loss of each image's (P, h, w) maps."""
         labels = self._labels.to(maps.device)
-        return sum(contrastive_loss(m, labels, self.settings.tau) for m in maps)
+        return torch.stack([contrastive_loss(m, labels, self.settings.tau) for m in maps])
 
     def _request(self, layout: RowLayout, x: torch.Tensor, grad: bool) -> CaptureRequest:
         images = x.shape[0]

@@ -20,6 +20,10 @@ class DDPMSpace:
     def gradient_scale(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.ones(batch, device=device)
 
+    def select(self, images: torch.Tensor) -> "DDPMSpace":
+        """The space of a subset of the batch's images."""
+        return self
+
 
 @dataclass(frozen=True)
 class SigmaSpace:
@@ -32,6 +36,11 @@ class SigmaSpace:
         if sigma.numel() == 1:
             sigma = sigma.expand(batch)
         return sigma**2 + 1
+
+    def select(self, images: torch.Tensor) -> "SigmaSpace":
+        """The space of a subset of the batch's images (one shared sigma stays shared)."""
+        sigma = self.sigma.reshape(-1)
+        return self if sigma.numel() == 1 else SigmaSpace(sigma.index_select(0, images.to(sigma.device)))
 
 
 LatentSpace = DDPMSpace | SigmaSpace

@@ -88,3 +88,16 @@ def test_long_prompt_spanning_two_chunks(tiny, concepts):
     x, engine = generate(tiny, prompt, seed=2, steps=2, concepts=concepts, settings=SETTINGS)
     assert torch.isfinite(x).all()
     assert max(s.position for s in engine.token_maps) > 77
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+def test_refinement_decisions_are_made_per_image(tiny, concepts, sampler):
+    """Image 0 of a batch ends where it ends alone: its stops and take-backs depend on its own loss only."""
+    settings = EngineSettings(schedule=Schedule(refine_iterations=8), refine_tolerance=1e-2)
+    kwargs = dict(seed=4, steps=4, sampler=sampler, latent_hw=(16, 16), concepts=concepts, settings=settings)
+    batch, engine = generate(tiny, "a cat and a dog", batch_size=3, **kwargs)
+    alone, alone_engine = generate(tiny, "a cat and a dog", batch_size=1, **kwargs)
+    assert torch.allclose(batch[:1], alone, rtol=1e-4, atol=1e-3), float((batch[:1] - alone).abs().max())
+    first = engine.records[0]
+    assert len({len(v) for v in first.image_losses.values()}) > 1  # the images stopped at different passes
+    assert first.image_losses[0] == pytest.approx(alone_engine.records[0].image_losses[0], rel=1e-4)
