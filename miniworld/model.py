@@ -5,6 +5,13 @@ each, so that ``input_blocks`` 7, 8 and ``output_blocks`` 3, 4, 5 hold the H/32
 cross-attention (8x8 for the 32x32 latent). To train on a CPU, attention lives only
 there (and in the middle block); the widths are small. The text encoder is a
 transformers ``CLIPTextModel`` over CLIP's real BPE vocabulary, trained with the UNet.
+
+One hyper-parameter follows SD's proportions rather than its number: ldm normalises in
+32 groups, which at SD's widths (320+) puts 10 or more channels in a group; at these
+widths 32 groups would normalise every channel on its own, which removes each
+channel's spatial mean right before the output convolution. Such a model cannot move
+an image's colour away from the mean of its starting noise (a first run showed the
+background and object colours following the seed). Here a group keeps 8 channels.
 """
 
 from __future__ import annotations
@@ -55,11 +62,18 @@ TEXT_CONFIG: dict[str, Any] = dict(
 )
 
 
+CHANNELS_PER_GROUP = 8
+
+
 def build_unet(use_checkpoint: bool = True) -> nn.Module:
     """The UNet with its default (ldm) initialisation. ``use_checkpoint`` as SD's configs set it."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    return UNetModel(**UNET_CONFIG, use_checkpoint=use_checkpoint)
+    unet = UNetModel(**UNET_CONFIG, use_checkpoint=use_checkpoint)
+    for module in unet.modules():
+        if isinstance(module, nn.GroupNorm):  # ldm's GroupNorm32, same class, fewer groups
+            module.num_groups = module.num_channels // CHANNELS_PER_GROUP
+    return unet
 
 
 def set_checkpointing(root: nn.Module, enabled: bool) -> None:

@@ -8,9 +8,11 @@ corners, so each object's outline is then redrawn from the raw pixels around it:
 pixel is the object's where it is nearer the object's median colour than the
 background's. Holes are filled.
 Shape: a triangle (apex up) is much narrower in its top quarter than in its bottom
-quarter; otherwise a square fills the corner pixels of its bounding box and a circle
-leaves them empty (that holds down to the smallest sizes, where the fill of the box
-no longer tells a circle from a square).
+quarter; otherwise a square fills the corners of its bounding box and a circle leaves
+them empty: for objects 10 px and larger, the 2x2 corner blocks (a drawn square may
+lose its corner pixel); for smaller ones the corner pixels themselves, since a
+rasterised small circle fills most of those blocks (the fill of the box no longer
+tells a small circle from a square either).
 Colour is the nearest palette entry to the median colour of the component's interior. Grain (the style
 concept) is the high-pass energy of the brightness, measured on the background and
 inside each object.
@@ -63,8 +65,12 @@ def _shape(component: np.ndarray) -> tuple[str, float]:
     if narrowing < 0.5 or fill < 0.6:
         return "triangle", fill
     box = component[top : top + h, xs.min() : xs.min() + w]
-    corners = int(box[0, 0]) + int(box[0, -1]) + int(box[-1, 0]) + int(box[-1, -1])
-    return ("square" if corners >= 2 else "circle"), fill
+    if min(h, w) >= 10:  # large enough for 2x2 corner blocks: a drawn square may lose its corner pixel
+        blocks = [box[:2, :2], box[:2, -2:], box[-2:, :2], box[-2:, -2:]]
+        square = float(np.mean([b.mean() for b in blocks])) >= 0.5
+    else:  # small: a rasterised circle fills 2x2 corner blocks too, but never the corner pixel itself
+        square = int(box[0, 0]) + int(box[0, -1]) + int(box[-1, 0]) + int(box[-1, -1]) >= 2
+    return ("square" if square else "circle"), fill
 
 
 def _colour(rgb: np.ndarray, palette: Mapping[str, tuple[float, float, float]]) -> str:
