@@ -38,6 +38,7 @@ from clora_ext.tokens import content_stream
 from clora_ext.update import Schedule
 
 from .compose import Result, Task, run as compose
+from .loras import LORAS
 from .localisation import localisation
 from .model import load_model
 

@@ -26,7 +26,7 @@ import torch
 from clora_ext.attention import AttentionCapture, CaptureRequest, cross_attention_modules
 
 from .localisation import cell_fractions, localisation
-from .model import TEXT_CONFIG, UNET_CONFIG, WEIGHTS_DIR, build_text_encoder, build_unet, load_model, save_model, sha256, update_manifest
+from .model import CHANNELS_PER_GROUP, TEXT_CONFIG, UNET_CONFIG, WEIGHTS_DIR, build_text_encoder, build_unet, load_model, save_model, sha256, update_manifest
 from .scenes import random_scene
 from .training import TrainLog, diffusion_loss, ema_update, lr_at, make_batch, set_seed
 from clora_ext.devtools.pipeline import NoiseSchedule
@@ -83,7 +83,7 @@ def train(steps: int, batch: int, lr: float, grounding: float, seed: int, thread
         "bytes": os.path.getsize(out),
         "config": {"steps": steps, "batch": batch, "lr": lr, "grounding_weight": grounding, "seed": seed,
                    "threads": torch.get_num_threads(), "ema_decay": ema_decay, "unet": UNET_CONFIG,
-                   "text_encoder": TEXT_CONFIG},
+                   "group_norm_channels_per_group": CHANNELS_PER_GROUP, "text_encoder": TEXT_CONFIG},
         "train_seconds": round(log.seconds, 1),
         "loss_curve": log.curve,
     }
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--grounding", type=float, default=0.05, help="weight of the attention grounding term")
+    parser.add_argument("--grounding", type=float, default=0.1, help="weight of the attention grounding term")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=os.path.join(WEIGHTS_DIR, "base.safetensors"))

@@ -1,0 +1,37 @@
+"""bench.quality end to end on a few pictures: the report's shape, intervals and grid (no thresholds)."""
+
+from __future__ import annotations
+
+import json
+
+from bench import quality
+
+
+def test_quick_quality_report_structure(tmp_path):
+    methods = ("merge", "update_only", "clora_default")
+    report, scored = quality.run_quality(quick=True, methods=methods, samplers=("euler",), steps=4, log=lambda m: None)
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(report))
+    report = json.loads(path.read_text())
+    assert set(report["methods"]) == set(methods)
+    for name, m in report["methods"].items():
+        assert m["n"] == sum(report["settings"]["images_per_method"].values())
+        for key in ("success", "bleed", "omission", "duplicate", "style_ok"):
+            lo, hi = m[f"{key}_ci"]
+            assert 0.0 <= lo <= m[key] <= hi <= 1.0
+        assert m["seconds_per_image"] > 0
+    assert report["methods"]["merge"]["gradient_passes"] == 0 and "mask_iou" not in report["methods"]["merge"]
+    assert report["methods"]["clora_default"]["gradient_passes"] > 0
+    assert 0.0 <= report["methods"]["clora_default"]["mask_iou"] <= 1.0
+    assert set(report["clora_default_minus_merge"]) == {"difference", "ci"}
+    assert report["settings"]["methods"]["update_only"]["mask_start"] == 1.0
+    table = quality.format_table(report)
+    assert table.count("| clora_default |") == len(report["suites"])
+    grid = quality.image_grid(scored, columns=2)
+    assert grid.width > 100 and grid.height > 3 * 32
+
+
+def test_wilson_interval():
+    assert quality.wilson(0, 10)[0] == 0.0 and quality.wilson(10, 10)[1] == 1.0
+    lo, hi = quality.wilson(41, 100)
+    assert 0.31 < lo < 0.41 < hi < 0.51
