@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 from clora_ext.engine import EngineSettings
 from clora_ext.update import Schedule
 from miniworld.compose import Result, Task, run
+from miniworld.evaluate import wilson
 from miniworld.loras import BY_SHAPE, STYLE
 from miniworld.model import load_model
 
@@ -83,16 +84,6 @@ def suites(quick: bool) -> dict[str, list[tuple[Task, int]]]:
             "style": [(t, s) for t in style for s in range(4)]}
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """95 % Wilson score interval of a binomial rate k / n."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 3), round(min(1.0, centre + half), 3)]
-
-
 @dataclass
 class Scored:
     result: Result
@@ -108,7 +99,7 @@ def summarise(scored: list[Scored]) -> dict:
         values = [bool(s.result.verdict[key]) for s in scored if key in s.result.verdict]
         if values:
             out[key] = round(sum(values) / len(values), 3)
-            out[f"{key}_ci"] = wilson(sum(values), len(values))
+            out[f"{key}_ci"] = list(wilson(sum(values), len(values)))
     ious = [v for s in scored for v in s.result.mask_iou]
     if ious:
         out["mask_iou"] = round(float(np.mean(ious)), 3)
