@@ -10,7 +10,8 @@ background's. Holes are filled.
 Shape: a triangle (apex up) is much narrower in its top quarter than in its bottom
 quarter; otherwise a square fills the corners of its bounding box and a circle leaves
 them empty: for objects 10 px and larger, the 2x2 corner blocks (a drawn square may
-lose its corner pixel); for smaller ones the corner pixels themselves, since a
+lose its corner pixel; an elongated box filled to 80 % is a drawn square too, since a
+circle is never elongated); for smaller ones the corner pixels themselves, since a
 rasterised small circle fills most of those blocks (the fill of the box no longer
 tells a small circle from a square either).
 Colour is the nearest palette entry to the median colour of the component's interior. Grain (the style
@@ -67,7 +68,9 @@ def _shape(component: np.ndarray) -> tuple[str, float]:
     box = component[top : top + h, xs.min() : xs.min() + w]
     if min(h, w) >= 10:  # large enough for 2x2 corner blocks: a drawn square may lose its corner pixel
         blocks = [box[:2, :2], box[:2, -2:], box[-2:, :2], box[-2:, -2:]]
-        square = float(np.mean([b.mean() for b in blocks])) >= 0.5
+        # a drawn square can come out as a boxy rectangle with ragged corners; a circle is never elongated
+        boxy_rectangle = min(h, w) / max(h, w) < 0.75 and fill >= 0.8
+        square = float(np.mean([b.mean() for b in blocks])) >= 0.5 or boxy_rectangle
     else:  # small: a rasterised circle fills 2x2 corner blocks too, but never the corner pixel itself
         square = int(box[0, 0]) + int(box[0, -1]) + int(box[-1, 0]) + int(box[-1, -1]) >= 2
     return ("square" if square else "circle"), fill
