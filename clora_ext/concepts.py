@@ -90,6 +90,12 @@ class Composition:
                 raise ValueError(f"concept for LoRA {c.lora!r} has an empty subject phrase")
             if key in seen:
                 raise ValueError(f"subject {c.subject!r} is mapped twice; each subject may have one content LoRA")
+            for other in seen:
+                if _contains_words(key, other) or _contains_words(other, key):
+                    raise ValueError(
+                        f"subjects {other!r} and {key!r} overlap (one is part of the other), so the words they share "
+                        "would belong to two LoRAs at once; give each subject words of its own"
+                    )
             seen.add(key)
         for s in styles:
             if s.role is Role.STYLE_SUBJECTS:
@@ -144,6 +150,11 @@ class Composition:
 
 def normalise_phrase(phrase: str) -> str:
     return " ".join(phrase.lower().split())
+
+
+def _contains_words(phrase: str, part: str) -> bool:
+    """Whether normalised ``part`` occurs in normalised ``phrase`` as whole words ("cat" in "cat toy")."""
+    return f" {part} " in f" {phrase} "
 
 
 def _phrase_pattern(phrase: str) -> re.Pattern[str]:

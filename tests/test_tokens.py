@@ -133,8 +133,15 @@ def test_style_roles():
         ([Concept("cat", f"L{i}") for i in range(9)], "at most 8"),
         ([Concept("cat", "A"), Concept("horse", "S", role=Role.STYLE_SUBJECTS)], "not a content subject"),
         ([Concept("  ", "A")], "empty subject"),
+        ([Concept("cat", "A"), Concept("cat toy", "B")], "'cat' and 'cat toy' overlap"),
+        ([Concept("red  Cat", "A"), Concept("big red cat", "B")], "overlap"),
     ],
 )
 def test_composition_rejects(concepts, match):
     with pytest.raises(ValueError, match=match):
         Composition.from_concepts(concepts)
+
+
+def test_subjects_sharing_a_word_but_not_contained_are_fine():
+    comp = Composition.from_concepts([Concept("black cat", "A"), Concept("black dog", "B"), Concept("category", "C")])
+    assert [c.subject for c in comp.content] == ["black cat", "black dog", "category"]
