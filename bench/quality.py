@@ -39,11 +39,10 @@ from PIL import Image, ImageDraw
 from clora_ext.engine import EngineSettings
 from clora_ext.update import Schedule
 from miniworld.compose import Result, Task, run
-from miniworld.evaluate import wilson
+from miniworld.evaluate import summarise as summarise_results
 from miniworld.loras import BY_SHAPE, STYLE
 from miniworld.model import load_model
 
-RATES = ("success", "bleed", "omission", "duplicate", "style_ok")
 METHODS = ("plain", "merge", "fusion_only", "update_only", "clora_paper", "clora_default")
 SAMPLERS = ("euler", "ddim")
 
@@ -93,16 +92,7 @@ class Scored:
 
 
 def summarise(scored: list[Scored]) -> dict:
-    n = len(scored)
-    out: dict = {"n": n}
-    for key in RATES:
-        values = [bool(s.result.verdict[key]) for s in scored if key in s.result.verdict]
-        if values:
-            out[key] = round(sum(values) / len(values), 3)
-            out[f"{key}_ci"] = list(wilson(sum(values), len(values)))
-    ious = [v for s in scored for v in s.result.mask_iou]
-    if ious:
-        out["mask_iou"] = round(float(np.mean(ious)), 3)
+    out = summarise_results([s.result for s in scored])
     out["seconds_per_image"] = round(float(np.mean([s.seconds for s in scored])), 3)
     out["gradient_passes"] = round(float(np.mean([s.result.gradient_passes for s in scored])), 1)
     return out

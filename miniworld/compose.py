@@ -50,10 +50,6 @@ class Task:
         return out
 
 
-def two_subjects(a: str, b: str) -> str:
-    return f"a {a} and a {b}"
-
-
 @dataclass
 class Result:
     method: str
@@ -61,7 +57,6 @@ class Result:
     image: np.ndarray  # (3, H, W) in [0, 1]
     analysis: Analysis
     verdict: dict
-    masks: torch.Tensor | None = None  # (V, H, W) last step's fusion masks (clora)
     mask_iou: list[float] = field(default_factory=list)  # per content subject
     gradient_passes: int = 0
 
@@ -126,7 +121,6 @@ def run(
     result = Result(method, seed, image, analysis, verdict)
     if engine is not None and engine.last_output is not None:
         masks = engine.last_output.masks[0].detach().cpu()
-        result.masks = masks
         result.gradient_passes = sum(len(r.losses) for r in engine.records)
         for k, subject in enumerate(task.subjects(), start=1):
             found = [o.mask for o in analysis.objects if o.shape == subject.shape]

@@ -22,7 +22,7 @@ from .compose import METHODS, Result, run
 from .demo import TASKS, demo_settings
 from .model import load_model, update_manifest
 
-RATES = ("success", "bleed", "omission", "duplicate")
+RATES = ("success", "bleed", "omission", "duplicate", "style_ok")
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -36,12 +36,13 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def summarise(results: list[Result]) -> dict:
-    n = len(results)
-    out: dict = {"n": n}
+    """``n``, each rate the verdicts carry (``style_ok`` only where judged) with its interval, the masks' IoU."""
+    out: dict = {"n": len(results)}
     for key in RATES:
-        k = sum(bool(r.verdict[key]) for r in results)
-        out[key] = round(k / n, 3)
-        out[f"{key}_ci"] = list(wilson(k, n))
+        values = [bool(r.verdict[key]) for r in results if key in r.verdict]
+        if values:
+            out[key] = round(sum(values) / len(values), 3)
+            out[f"{key}_ci"] = list(wilson(sum(values), len(values)))
     ious = [v for r in results for v in r.mask_iou]
     if ious:
         out["mask_iou"] = round(float(np.mean(ious)), 3)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clora_ext.devtools.pipeline import TinySD
-from clora_ext.devtools.tiny_sd import BOS, CHUNK_LEN, EOS
+from clora_ext.devtools.tiny_sd import tiny_text_config
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 MANIFEST = os.path.join(WEIGHTS_DIR, "manifest.json")
@@ -48,18 +48,7 @@ UNET_CONFIG: dict[str, Any] = dict(
     legacy=False,
 )
 
-TEXT_CONFIG: dict[str, Any] = dict(
-    vocab_size=49408,
-    hidden_size=TEXT_WIDTH,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=4 * TEXT_WIDTH,
-    max_position_embeddings=CHUNK_LEN,
-    hidden_act="quick_gelu",
-    bos_token_id=BOS,
-    eos_token_id=EOS,
-    pad_token_id=EOS,
-)
+TEXT_CONFIG: dict[str, Any] = tiny_text_config(TEXT_WIDTH)
 
 
 CHANNELS_PER_GROUP = 8

@@ -17,7 +17,7 @@ from clora_ext.devtools.pipeline import NoiseSchedule
 from clora_ext.devtools.tiny_sd import BOS, EOS, clip_bpe
 from clora_ext.tokens import BPEChunkTokenizer, pad_chunks
 
-from .scenes import SHAPES, Scene, render, to_latent
+from .scenes import Scene, render, to_latent
 
 
 @dataclass
@@ -115,6 +115,3 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p, 1 - decay)
 
-
-__all__ = ["Batch", "SHAPES", "TrainLog", "diffusion_loss", "ema_update", "lr_at", "make_batch", "noun_positions",
-           "set_seed", "tokenize"]

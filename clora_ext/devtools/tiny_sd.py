@@ -28,6 +28,7 @@ __all__ = [
     "EOS",
     "CHUNK_LEN",
     "tiny_unet_config",
+    "tiny_text_config",
     "build_tiny_unet",
     "build_tiny_text_encoder",
     "clip_bpe",
@@ -186,15 +187,9 @@ def build_tiny_unet(layout: str = "sd15", seed: int = 0, context_dim: int | None
     return unet.float().eval()
 
 
-def build_tiny_text_encoder(seed: int = 0, hidden: int = 32) -> nn.Module:
-    """Build a tiny, seeded transformers ``CLIPTextModel`` (fp32, eval mode).
-
-    CLIP's real vocabulary (49408 ids) and 77 positions, so ids from
-    :func:`clip_bpe` can be fed directly. Nothing is downloaded.
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
+def tiny_text_config(hidden: int = 32) -> dict[str, Any]:
+    """``CLIPTextConfig`` keywords of a small CLIP text encoder: CLIP's vocabulary and 77 positions, 2 layers."""
+    return dict(
         vocab_size=49408,
         hidden_size=hidden,
         num_hidden_layers=2,
@@ -206,9 +201,19 @@ def build_tiny_text_encoder(seed: int = 0, hidden: int = 32) -> nn.Module:
         eos_token_id=EOS,
         pad_token_id=EOS,
     )
+
+
+def build_tiny_text_encoder(seed: int = 0, hidden: int = 32) -> nn.Module:
+    """Build a tiny, seeded transformers ``CLIPTextModel`` (fp32, eval mode).
+
+    CLIP's real vocabulary (49408 ids) and 77 positions, so ids from
+    :func:`clip_bpe` can be fed directly. Nothing is downloaded.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = CLIPTextModel(config)
+        model = CLIPTextModel(CLIPTextConfig(**tiny_text_config(hidden)))
     return model.float().eval()
 
 
