@@ -173,6 +173,13 @@ def find_phrase_spans(prompt: str, phrase: str) -> list[tuple[int, int]]:
     return spans
 
 
+def find_trigger_spans(text: str, trigger: str, subject: str) -> list[tuple[int, int]]:
+    """Spans of ``trigger`` where it stands right before ``subject`` (where ``insert_before_phrase`` put it)."""
+    t, p = _phrase_pattern(trigger).pattern, _phrase_pattern(subject).pattern
+    pattern = re.compile(rf"(?P<trigger>{t})\s+(?={p})", re.IGNORECASE)
+    return [m.span("trigger") for m in pattern.finditer(text)]
+
+
 def insert_before_phrase(prompt: str, phrase: str, words: str) -> str:
     """Insert ``words`` right before every occurrence of ``phrase``."""
     out, last = [], 0

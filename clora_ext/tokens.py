@@ -11,10 +11,11 @@ comma backtracking and textual-inversion vectors decide where chunks end).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-from .concepts import Composition, PhraseNotFound, Variant
+from .concepts import Composition, Variant, find_phrase_spans, find_trigger_spans
 
 CHUNK_LENGTH = 77
 CHUNK_CONTENT = CHUNK_LENGTH - 2
@@ -23,9 +24,6 @@ CHUNK_CONTENT = CHUNK_LENGTH - 2
 class PromptTokenizer(Protocol):
     def chunks(self, text: str) -> list[list[int]]:
         """Content token ids of each 77-token chunk (without BOS, EOS and padding)."""
-
-    def phrase_ids(self, phrase: str) -> list[int]:
-        """Token ids of a phrase on its own (without BOS/EOS)."""
 
 
 class BPEChunkTokenizer:
@@ -37,9 +35,6 @@ class BPEChunkTokenizer:
     def chunks(self, text: str) -> list[list[int]]:
         ids = list(self._encode(text))
         return [ids[i : i + CHUNK_CONTENT] for i in range(0, len(ids), CHUNK_CONTENT)] or [[]]
-
-    def phrase_ids(self, phrase: str) -> list[int]:
-        return list(self._encode(phrase))
 
 
 def pad_chunks(chunks: Sequence[Sequence[int]], bos: int, eos: int, pad: int | None = None) -> list[list[int]]:
@@ -63,17 +58,47 @@ def content_stream(chunks: Sequence[Sequence[int]]) -> tuple[list[int], list[int
     return ids, positions
 
 
+# A word of a phrase: letters/digits, with inner apostrophes or hyphens ("ukiyo-e", "cat's").
+# The punctuation between words (the comma of "1girl, alice") labels no concept.
+_WORD_RUN = re.compile(r"\w+(?:['\u2019-]\w+)*")
+
+
+class TokenLocator:
+    """Token positions of character spans of one text, as the text's own tokenization places them.
+
+    The tokens of ``text[a:b]`` are the ids between the token counts of the prefixes
+    ``text[:a]`` and ``text[:b]``: both tokenizers (plain BPE and the host's chunker
+    with BREAK, emphasis and comma backtracking) split at word boundaries, so a
+    prefix cut at a word boundary tokenizes to a prefix of the whole id stream.
+    """
+
+    def __init__(self, tokenizer: PromptTokenizer, text: str):
+        self._tokenizer = tokenizer
+        self.text = text
+        self._ids, self._positions = content_stream(tokenizer.chunks(text))
+        self._counts: dict[int, int] = {0: 0, len(text): len(self._ids)}
+
+    def _count(self, end: int) -> int:
+        if end not in self._counts:
+            self._counts[end] = sum(len(c) for c in self._tokenizer.chunks(self.text[:end]))
+        return self._counts[end]
+
+    def positions(self, start: int, end: int) -> list[int]:
+        """Global positions of the tokens of the words inside ``text[start:end]``."""
+        out: list[int] = []
+        for word in _WORD_RUN.finditer(self.text, start, end):
+            out.extend(self._positions[self._count(word.start()) : self._count(word.end())])
+        return out
+
+
 def phrase_positions(tokenizer: PromptTokenizer, text: str, phrase: str) -> list[list[int]]:
-    """Global token positions of every occurrence of ``phrase`` in ``text`` (one list per occurrence)."""
-    needle = tokenizer.phrase_ids(phrase)
-    if not needle:
-        raise ValueError(f"phrase {phrase!r} has no tokens")
-    ids, positions = content_stream(tokenizer.chunks(text))
-    n = len(needle)
-    hits = [positions[i : i + n] for i in range(len(ids) - n + 1) if ids[i : i + n] == needle]
-    if not hits:
-        raise PhraseNotFound(phrase, text)
-    return hits
+    """Global token positions of every whole-word occurrence of ``phrase`` in ``text`` (one list per occurrence)."""
+    locator = TokenLocator(tokenizer, text)
+    return [locator.positions(a, b) for a, b in find_phrase_spans(text, phrase)]
+
+
+def _overlaps(span: tuple[int, int], others: Sequence[tuple[int, int]]) -> bool:
+    return any(span[0] < b and a < span[1] for a, b in others)
 
 
 @dataclass(frozen=True)
@@ -103,12 +128,17 @@ def plan_token_maps(
         raise ValueError("one text per variant is required")
     specs: list[TokenMapSpec] = []
     for variant, text in zip(variants, texts):
+        locator = TokenLocator(tokenizer, text)
+        # the trigger is the words the variant inserted right before its subject, not any
+        # other occurrence of them ("black" of "a black dog" is not the cat's trigger "black")
+        triggers: list[tuple[int, int]] = []
+        if variant.trigger and variant.concept is not None:
+            triggers = find_trigger_spans(text, variant.trigger, composition.content[variant.concept].subject)
+            for a, b in triggers:
+                specs.extend(TokenMapSpec(variant.index, p, variant.concept, True) for p in locator.positions(a, b))
         for k, concept in enumerate(composition.content):
             own = variant.concept == k
-            for occurrence in phrase_positions(tokenizer, text, concept.subject):
-                specs.extend(TokenMapSpec(variant.index, p, k, own) for p in occurrence)
-            if own and variant.trigger:
-                for occurrence in phrase_positions(tokenizer, text, variant.trigger):
-                    specs.extend(TokenMapSpec(variant.index, p, k, True) for p in occurrence)
-    # a trigger that repeats a subject word would list a position twice
+            for span in find_phrase_spans(text, concept.subject):
+                if not _overlaps(span, triggers):  # a subject word inside the trigger is trigger
+                    specs.extend(TokenMapSpec(variant.index, p, k, own) for p in locator.positions(*span))
     return list(dict.fromkeys(specs))

@@ -103,7 +103,7 @@ def test_variants_and_groups(tok):
     assert by[(1, 6)].concept == 1 and not by[(1, 6)].mask
     # V_2: multi-token trigger "zwx dog style" + subject "dog"; every token is concept 1 and masks V_2
     v2 = sorted(s.position for s in specs if s.variant == 2 and s.mask)
-    assert v2 == list(range(5, 5 + len(tok.phrase_ids("zwx dog style")) + 1))
+    assert v2 == list(range(5, 5 + len(tok.chunks("zwx dog style")[0]) + 1))
     assert all(s.concept == 1 for s in specs if s.variant == 2 and s.mask)
     # V_0 has no mask tokens
     assert not any(s.mask for s in specs if s.variant == 0)
@@ -145,3 +145,52 @@ def test_composition_rejects(concepts, match):
 def test_subjects_sharing_a_word_but_not_contained_are_fine():
     comp = Composition.from_concepts([Concept("black cat", "A"), Concept("black dog", "B"), Concept("category", "C")])
     assert [c.subject for c in comp.content] == ["black cat", "black dog", "category"]
+
+
+def _labels(tok, concepts, prompt):
+    comp = Composition.from_concepts(concepts)
+    variants = comp.variants(prompt)
+    return variants, plan_token_maps(comp, variants, tok)
+
+
+def _words_at(tok, text, positions):
+    flat = [t for c in pad_chunks(tok.chunks(text), BOS, EOS) for t in c]
+    return [flat[p] for p in sorted(positions)]
+
+
+def test_trigger_tokens_are_the_inserted_ones_only(tok):
+    # the cat's trigger "black" is inserted before "cat"; the dog's own "black" stays the dog's
+    variants, specs = _labels(tok, [Concept("cat", "A", trigger="black"), Concept("dog", "B")], "a cat and a black dog")
+    assert variants[1].prompt == "a black cat and a black dog"
+    cat_masks = {s.position for s in specs if s.variant == 1 and s.mask}
+    assert cat_masks == {2, 3}  # "black cat", not the 6th token ("black" of the dog)
+    assert not any(s.concept == 0 for s in specs if s.variant == 1 and s.position == 6)
+
+
+def test_subject_words_inside_other_words_are_not_subjects(tok):
+    # "girl" inside "1girl" is not the subject "girl"
+    _, specs = _labels(tok, [Concept("girl", "A"), Concept("dog", "B")], "1girl, a girl and a dog")
+    girl = tok.chunks("1girl, a girl and a dog")[0].index(tok.chunks("girl")[0][0], 2) + 1
+    assert {s.position for s in specs if s.variant == 0 and s.concept == 0} == {girl}
+    with pytest.raises(PhraseNotFound):
+        _labels(tok, [Concept("girl", "A"), Concept("dog", "B")], "1girl and a dog")
+
+
+def test_punctuation_of_an_activation_text_is_not_a_concept_token(tok):
+    variants, specs = _labels(tok, [Concept("girl", "A", trigger="1girl, alice"), Concept("dog", "B")],
+                              "a girl and a dog")
+    text = variants[1].prompt
+    assert text == "a 1girl, alice girl and a dog"
+    own = {s.position for s in specs if s.variant == 1 and s.mask}
+    comma = tok.chunks(",")[0]
+    assert comma[0] not in _words_at(tok, text, own)
+    assert _words_at(tok, text, own) == tok.chunks("1girl alice girl")[0]
+
+
+def test_subject_word_inside_a_trigger_belongs_to_the_trigger(tok):
+    # the dog's trigger mentions "cat"; that "cat" is the dog's token, not the cat's
+    variants, specs = _labels(tok, [Concept("cat", "A"), Concept("dog", "B", trigger="cat-chasing")],
+                              "a cat and a dog")
+    assert variants[2].prompt == "a cat and a cat-chasing dog"
+    cat_positions = {s.position for s in specs if s.variant == 2 and s.concept == 0}
+    assert cat_positions == {2}

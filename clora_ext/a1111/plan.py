@@ -259,9 +259,6 @@ class ChunkedTokenizer:
             out.append(content)
         return out
 
-    def phrase_ids(self, phrase: str) -> list[int]:
-        return list(self._chunker.tokenize([phrase])[0])
-
 
 def pick_segment(ends: Sequence[int], step: int) -> int:
     """Index of the schedule entry in force at ``step`` (the host's rule: first end >= step)."""
