@@ -33,7 +33,7 @@ import torch
 
 from clora_ext.attention import CaptureRequest, map_size
 from clora_ext.engine import CLoRAEngine, EngineSettings, RowLayout, gradient_ready
-from clora_ext.devtools.pipeline import prepare_clora
+from clora_ext.devtools.pipeline import UNetRows, prepare_clora
 
 from clora_ext.loss import contrastive_loss
 from clora_ext.routing import Route, RowRouter
@@ -78,21 +78,19 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
     with tempfile.TemporaryDirectory() as workdir:
         setup = build_setup(BenchOptions(**{**opts.__dict__, "loras": (n,)}), workdir)
     model, unet = setup.model, setup.model.unet
-    cond, uncond, unet_loras, token_maps = prepare_clora(model, prompt_for(n), NEGATIVE, setup.concepts(n))
+    conds, unet_loras, token_maps = prepare_clora(model, prompt_for(n), NEGATIVE, setup.concepts(n))
     hw = (opts.latent, opts.latent)
     x = torch.randn(1, 4, *hw, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500.0])
 
-    def row_model(x_rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
-        context = torch.where(layout.uncond[:, None, None], uncond[layout.variant], cond[layout.variant])
-        return unet(x_rows * 0.1, t.expand(len(layout)), context=context)
+    row_model = UNetRows(unet, conds, t, 0.1)
 
     out: dict[str, object] = {"latent": opts.latent, "loras": n, "variants": len(unet_loras)}
     from clora_ext.engine import StepRecord
 
     with fast_attention(unet), CLoRAEngine(unet, unet_loras, token_maps, EngineSettings()) as engine:
         V = engine.n_variants
-        ctx2 = torch.cat([cond[:1], uncond[:1]])
+        ctx2 = torch.stack([conds.cond[0], conds.uncond[0]])
         plainV = RowLayout.build(1, V, with_uncond=True)
 
         @torch.no_grad()
@@ -139,7 +137,7 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
         recorder = MapRecorder(map_size(hw)[0] * map_size(hw)[1])
         ref_router = RowRouter(unet)
         ref_routes = [[Route(u.deltas, [0, 1], u.multiplier, u.name) for u in uses] for uses in unet_loras]
-        ref_contexts = [torch.cat([cond[v : v + 1], uncond[v : v + 1]]) for v in range(V)]
+        ref_contexts = [torch.stack([conds.cond[v], conds.uncond[v]]) for v in range(V)]
         labels = torch.tensor([s.concept for s in token_maps])
 
         def reference(backward: bool) -> None:

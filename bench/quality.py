@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from itertools import permutations
@@ -37,6 +38,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from clora_ext.engine import EngineSettings
+from clora_ext.masks import Morphology
 from clora_ext.update import Schedule
 from miniworld.compose import Result, Task, run
 from miniworld.evaluate import summarise as summarise_results
@@ -47,9 +49,16 @@ METHODS = ("plain", "merge", "fusion_only", "update_only", "clora_paper", "clora
 SAMPLERS = ("euler", "ddim")
 
 
+# The paper's method: Attend-and-Excite's schedule as fractions (updates in the first half,
+# refinement at 0 %, 20 %, 40 %), a fixed 20 refinement iterations, alpha 20, lambda 0.4.
+PAPER_SETTINGS = EngineSettings(step_size=20.0, schedule=Schedule(update_fraction=0.5, refine_at=(0.0, 0.2, 0.4),
+                                                                  refine_iterations=20, mask_start=0.0),
+                                refine_tolerance=None, mask_threshold=0.4, morphology=Morphology.NONE)
+
+
 def method_settings(method: str) -> tuple[str, EngineSettings]:
     """The compose method and engine settings behind each benchmark method."""
-    paper = EngineSettings(schedule=Schedule(refine_iterations=20), refine_tolerance=None)
+    paper = PAPER_SETTINGS
     return {
         "plain": ("plain", EngineSettings()),
         "merge": ("merge", EngineSettings()),
@@ -89,6 +98,7 @@ class Scored:
     seconds: float
     suite: str
     sampler: str
+    item: int = 0  # position in the run's (suite, task, seed) order, for merging shards
 
 
 def summarise(scored: list[Scored]) -> dict:
@@ -105,36 +115,74 @@ def difference(a: list[Scored], b: list[Scored], key: str = "success") -> dict:
     return {"difference": round(float(d.mean()), 3), "ci": [round(float(d.mean() - half), 3), round(float(d.mean() + half), 3)]}
 
 
-def run_quality(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: tuple[str, ...] = SAMPLERS,
-                steps: int = 20, log=print) -> tuple[dict, dict[str, list[Scored]]]:
+def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: tuple[str, ...] = SAMPLERS,
+            steps: int = 20, shard: tuple[int, int] = (1, 1), log=print) -> dict[str, list[Scored]]:
+    """Render and judge every (suite, task, seed) item of ``shard`` = (i, n): items i-1, i-1+n, ...
+
+    A method whose settings equal an earlier method's (``clora_default`` and ``clora_paper``
+    when the defaults are the paper's) shares that method's pictures instead of rendering
+    the same ones again.
+    """
     torch.set_flush_denormal(True)
     model = load_model()
-    plan = suites(quick)
+    items = [(suite, task, seed) for suite, pairs in suites(quick).items() for task, seed in pairs]
     scored: dict[str, list[Scored]] = {m: [] for m in methods}
-    for suite, items in plan.items():
-        for task, seed in items:
-            concepts = task.concepts(model)
-            for sampler in samplers:
-                for method in methods:
-                    how, settings = method_settings(method)
+    for k, (suite, task, seed) in enumerate(items):
+        if k % shard[1] != shard[0] - 1:
+            continue
+        concepts = task.concepts(model)
+        for sampler in samplers:
+            done: dict[tuple, Scored] = {}
+            for method in methods:
+                how, settings = method_settings(method)
+                key = (how, settings)
+                if key not in done:
                     t0 = time.perf_counter()
                     result = run(model, task, how, seed, steps=steps, sampler=sampler, settings=settings, concepts=concepts)
-                    scored[method].append(Scored(result, time.perf_counter() - t0, suite, sampler))
-        log(f"{suite}: done ({len(items) * len(samplers)} images per method)")
+                    done[key] = Scored(result, time.perf_counter() - t0, suite, sampler, k)
+                scored[method].append(dataclasses.replace(done[key]))
+        log(f"{suite} item {k + 1}/{len(items)} done")
+    return scored
+
+
+def merge(parts: list[dict[str, list[Scored]]]) -> dict[str, list[Scored]]:
+    """The scored pictures of several shards, in the order one unsharded run gives."""
+    methods = list(parts[0])
+    return {m: sorted((s for p in parts for s in p[m]), key=lambda s: (s.item, SAMPLERS.index(s.sampler)))
+            for m in methods}
+
+
+def build_report(scored: dict[str, list[Scored]], quick: bool, steps: int) -> dict:
+    methods = list(scored)
+    samplers = sorted({s.sampler for v in scored.values() for s in v}, key=SAMPLERS.index)
+    suite_names = list(dict.fromkeys(s.suite for s in next(iter(scored.values()))))
     report = {
         "methods": {m: summarise(s) for m, s in scored.items()},
-        "suites": {suite: {m: summarise([s for s in scored[m] if s.suite == suite]) for m in methods} for suite in plan},
+        "suites": {suite: {m: summarise([s for s in scored[m] if s.suite == suite]) for m in methods}
+                   for suite in suite_names},
         "samplers": {sampler: {m: summarise([s for s in scored[m] if s.sampler == sampler]) for m in methods}
                      for sampler in samplers},
-        "settings": {"quick": quick, "steps": steps, "samplers": list(samplers), "cfg_scale": 5.0,
+        "settings": {"quick": quick, "steps": steps, "samplers": samplers, "cfg_scale": 5.0,
                      "methods": {m: _describe(m) for m in methods},
-                     "images_per_method": {suite: len(items) * len(samplers) for suite, items in plan.items()}},
+                     "defaults_are_the_papers": method_settings("clora_default") == method_settings("clora_paper"),
+                     "images_per_method": {suite: sum(s.suite == suite for s in next(iter(scored.values())))
+                                           for suite in suite_names}},
     }
     if "clora_default" in scored and "clora_paper" in scored:
         report["clora_default_minus_paper"] = difference(scored["clora_default"], scored["clora_paper"])
     if "clora_default" in scored and "merge" in scored:
         report["clora_default_minus_merge"] = difference(scored["clora_default"], scored["merge"])
-    return report, scored
+        for suite in suite_names:
+            pick = {m: [s for s in scored[m] if s.suite == suite] for m in ("clora_default", "merge")}
+            report.setdefault("clora_default_minus_merge_by_suite", {})[suite] = difference(
+                pick["clora_default"], pick["merge"])
+    return report
+
+
+def run_quality(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: tuple[str, ...] = SAMPLERS,
+                steps: int = 20, log=print) -> tuple[dict, dict[str, list[Scored]]]:
+    scored = collect(quick, methods, samplers, steps, log=log)
+    return build_report(scored, quick, steps), scored
 
 
 def _describe(method: str) -> dict:
@@ -198,9 +246,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--shard", default="1/1", help="i/n: render every n-th item from the i-th (with --save)")
+    parser.add_argument("--save", help="pickle the judged pictures here (to --merge shards later)")
+    parser.add_argument("--merge", nargs="+", metavar="PICKLE", help="report on saved shards instead of rendering")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    report, scored = run_quality(args.quick, tuple(args.methods), tuple(args.samplers), args.steps)
+    if args.merge:
+        parts = []
+        for path in args.merge:
+            with open(path, "rb") as f:
+                parts.append(pickle.load(f))
+        scored = merge(parts)
+    else:
+        shard = tuple(int(v) for v in args.shard.split("/"))
+        scored = collect(args.quick, tuple(args.methods), tuple(args.samplers), args.steps, shard)
+        if args.save:
+            with open(args.save, "wb") as f:
+                pickle.dump(scored, f)
+            if shard != (1, 1):
+                return
+    report = build_report(scored, args.quick, args.steps)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     print(format_table(report))
     if args.json:

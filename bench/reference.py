@@ -101,7 +101,7 @@ def generate_reference(
     unet = model.unet
     device = next(unet.parameters()).device
     stats = ReferenceStats()
-    cond, uncond, unet_loras, token_maps = prepare_clora(model, prompt, negative, concepts)
+    conds, unet_loras, token_maps = prepare_clora(model, prompt, negative, concepts)
     n_variants = len(unet_loras)
     labels = torch.tensor([s.concept for s in token_maps], dtype=torch.long, device=device)
     variant_of = torch.tensor([s.variant for s in token_maps], dtype=torch.long, device=device)
@@ -110,7 +110,7 @@ def generate_reference(
     recorder = MapRecorder(map_hw[0] * map_hw[1])
     router = RowRouter(unet)
     routes = [[Route(u.deltas, [0, 1], u.multiplier, u.name) for u in uses] for uses in unet_loras]
-    contexts = [torch.cat([cond[v : v + 1], uncond[v : v + 1]]) for v in range(n_variants)]
+    contexts = [torch.stack([conds.cond[v], conds.uncond[v]]) for v in range(n_variants)]
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((1, 4, *latent_hw), generator=gen).to(device)

@@ -232,6 +232,8 @@ class PassTimer:
                 else:
                     self.fused_passes.append(end - start)
 
+        if hasattr(fn, "row_groups"):  # keep the row model's call groups
+            timed.row_groups = fn.row_groups  # type: ignore[attr-defined]
         return timed
 
 

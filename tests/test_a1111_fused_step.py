@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from clora_ext.a1111.plan import FusedProxy, ProxyRows, fused_step, stack_conds
+from clora_ext.a1111.plan import FusedProxy, ProxyRows, fused_step
+from clora_ext.conditioning import ConditioningTable
 from clora_ext.concepts import Composition, Concept
 from clora_ext.engine import CLoRAEngine, EngineSettings, LoRAUse
 from clora_ext.routing import LowRankDelta
@@ -53,29 +54,30 @@ def _loras(unet: nn.Module, seed: int) -> dict:
     return deltas
 
 
-def _setup(unet: nn.Module, clip_bpe, sdxl: bool, images: list[int]):
+def _setup(unet: nn.Module, clip_bpe, sdxl: bool, images: list[int], uncond_chunks: int = 1):
     comp = Composition.from_concepts([Concept("cat", "a", trigger="sks"), Concept("dog", "b")])
     tok = BPEChunkTokenizer(clip_bpe.encode)
     prompts = [PROMPTS[i] for i in images]
     maps = [tuple(plan_token_maps(comp, comp.variants(p), tok)) for p in prompts]
     g = torch.Generator().manual_seed(7)
     # one cond per (uncond, variant, prompt index), selected for the images asked for
-    all_rows = {(u, v, i): torch.randn(77, 32, generator=g) for u in (0, 1) for v in range(3) for i in range(2)}
+    all_rows = {(u, v, i): torch.randn(77 * (uncond_chunks if u else 1), 32, generator=g)
+                for u in (0, 1) for v in range(3) for i in range(2)}
     vectors = {key: torch.randn(6, generator=g) for key in all_rows}
     rows = [(u, v, i) for u in (0, 1) for v in range(3) for i in images]
     if sdxl:
         conds = [{"crossattn": all_rows[r], "vector": vectors[r]} for r in rows]
     else:
         conds = [all_rows[r] for r in rows]
-    table = stack_conds(conds, torch.zeros(1, 77, 32))
+    table = ConditioningTable(conds)
     uses = [[], [LoRAUse("a", _loras(unet, 1))], [LoRAUse("b", _loras(unet, 2))]]
     engine = CLoRAEngine(unet, uses, maps[0], SETTINGS)
     return engine, table, maps
 
 
-def _run(unet, clip_bpe, sdxl, images, x, sigma, allow_update=True):
-    engine, table, maps = _setup(unet, clip_bpe, sdxl, images)
-    inner = HostLikeDenoiser(unet, sdxl)
+def _run(unet, clip_bpe, sdxl, images, x, sigma, allow_update=True, uncond_chunks=1, inner=None):
+    engine, table, maps = _setup(unet, clip_bpe, sdxl, images, uncond_chunks)
+    inner = inner or HostLikeDenoiser(unet, sdxl)
     with engine:
         return fused_step(
             engine, inner, ProxyRows(len(images), 3), x, sigma, torch.zeros(len(images), 5, 1, 1),
@@ -109,3 +111,26 @@ def test_no_update_leaves_the_latent_and_the_proxy_serves_host_rows(tiny_unet, c
     proxy = FusedProxy(nn.Module(), fused, ProxyRows(2, 3))
     served = torch.cat([proxy(x, None), proxy(x, None)])  # the host's split calls: cond rows, uncond rows
     assert torch.equal(served, fused)
+
+
+def test_cond_rows_keep_their_own_length_beside_a_long_negative_prompt(tiny_unet, clip_bpe):
+    """A1111 runs a 77-token prompt and a 154-token negative prompt in separate calls, unpadded."""
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(1, 4, 16, 16, generator=g) * 3
+    sigma = torch.tensor([3.0])
+    lengths = []
+
+    class Recording(HostLikeDenoiser):
+        def forward(self, x, sigma, cond):
+            lengths.append((x.shape[0], cond["c_crossattn"][0].shape[1]))
+            return super().forward(x, sigma, cond)
+
+    x_short, x_long = x0.clone(), x0.clone()
+    short = _run(tiny_unet, clip_bpe, False, [0], x_short, sigma, uncond_chunks=1)
+    lengths.clear()
+    long = _run(tiny_unet, clip_bpe, False, [0], x_long, sigma, uncond_chunks=2, inner=Recording(tiny_unet, False))
+    # the gradient passes see the 3 cond rows at 77 tokens; the fused pass runs 77 and 154 apart
+    assert set(lengths) == {(3, 77), (3, 154)}
+    assert torch.allclose(x_short, x_long, atol=1e-5)  # the latent update never sees the negative prompt
+    assert torch.allclose(short[0], long[0], atol=1e-5)  # nor does the fused cond prediction
+    assert not torch.allclose(short[1], long[1], atol=1e-3)  # the uncond rows did change

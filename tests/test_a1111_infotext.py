@@ -59,3 +59,12 @@ def test_unreadable_entry_changes_nothing(capsys):
     assert infotext.paste_values({infotext.KEY: "{not json"}) is None
     assert infotext.paste_values({infotext.KEY: json.dumps({"step_size": 1e9})}) is None
     assert "could not read" in capsys.readouterr().out
+
+
+def test_entries_of_older_versions_keep_the_defaults_they_were_made_with():
+    concepts = ARGS["concepts"][:1]
+    old = infotext.load(json.dumps({"version": "0.1.0", "concepts": concepts}))
+    assert old.refine_tolerance == 0.01  # 0.1.0 stopped refining at a 1 % improvement by default
+    assert infotext.load(json.dumps({"version": "0.1.0", "concepts": concepts, "refine_tolerance": 0.05})).refine_tolerance == 0.05
+    current = infotext.load(json.dumps({"version": VERSION, "concepts": concepts}))
+    assert current.refine_tolerance == 0.0 and current.engine_settings().refine_tolerance is None

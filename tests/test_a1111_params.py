@@ -30,9 +30,9 @@ def test_pure_modules_import_without_the_host():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_refine_tolerance_zero_means_the_papers_fixed_count():
-    assert CLoRAArgs().engine_settings().refine_tolerance == 0.01
-    assert parse_args([{**TWO, "refine_tolerance": 0}]).engine_settings().refine_tolerance is None
+def test_refine_tolerance_zero_is_the_default_and_the_papers_fixed_count():
+    assert CLoRAArgs().engine_settings().refine_tolerance is None
+    assert parse_args([{**TWO, "refine_tolerance": 0.01}]).engine_settings().refine_tolerance == 0.01
     with pytest.raises(CLoRAArgsError, match="refine_tolerance"):
         parse_args([{**TWO, "refine_tolerance": 2}])
 

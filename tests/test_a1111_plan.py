@@ -16,8 +16,6 @@ from clora_ext.a1111.plan import (
     group_images,
     pick_segment,
     plan_variants,
-    select_rows,
-    stack_conds,
     token_map_schedule,
 )
 from clora_ext.concepts import Composition, Concept, PhraseNotFound, Role
@@ -90,7 +88,7 @@ def test_rows_expand_into_variants_and_fuse_back_to_the_host_order(images, loras
     assert len(layout) == 2 * images * variants
     # the conditioning table is stacked (uncond, variant, image); each engine row finds its own cond
     table = torch.tensor([_tag(u, v, b) for u in (0, 1) for v in range(variants) for b in range(images)])
-    got = select_rows(table, rows.table_index(layout))
+    got = table.index_select(0, rows.table_index(layout))
     want = torch.tensor([_tag(int(u), int(v), int(b)) for u, v, b in zip(layout.uncond, layout.variant, layout.image)])
     assert torch.equal(got, want)
     # the engine's prediction per row, fused per image and half as the engine does it (mean as a stand-in)
@@ -190,18 +188,3 @@ def test_a_subject_edited_away_is_reported_with_its_steps(clip_bpe):
     schedules = [[(4, v.prompt), (10, v.prompt.replace("dog", "fox"))] for v in variants]
     with pytest.raises(CLoRARuntimeError, match=r"'dog' is not in the prompt during steps 5-10"):
         token_map_schedule(comp, variants, tok, schedules)
-
-
-# -- conditioning padding ----------------------------------------------------------------------------
-
-
-def test_stack_conds_pads_with_the_empty_chunk():
-    empty = torch.full((1, 77, 4), 7.0)
-    short, long = torch.zeros(77, 4), torch.ones(154, 4)
-    stacked = stack_conds([short, long], empty)
-    assert stacked.shape == (2, 154, 4)
-    assert torch.equal(stacked[0, 77:], empty[0]) and torch.equal(stacked[1], long)
-    sdxl = stack_conds([{"crossattn": short, "vector": torch.zeros(3)}, {"crossattn": long, "vector": torch.ones(3)}], empty)
-    assert sdxl["crossattn"].shape == (2, 154, 4) and sdxl["vector"].shape == (2, 3)
-    picked = select_rows(sdxl, torch.tensor([1]))
-    assert torch.equal(picked["vector"], torch.ones(1, 3))

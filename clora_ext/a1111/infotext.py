@@ -14,6 +14,16 @@ from .params import VERSION, CLoRAArgs, CLoRAArgsError, POSITIONAL_LENGTH, to_po
 
 KEY = "CLoRA"
 _META = ("version", "notes")
+# defaults that changed: (the first version with the new default, the old defaults); an entry
+# written before that version left the old default out, so it is put back when read
+CHANGED_DEFAULTS = (("0.2.0", {"refine_tolerance": 0.01}),)
+
+
+def _version(text: Any) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in str(text).split("."))
+    except ValueError:
+        return ()
 
 
 def dump(args: CLoRAArgs, notes: list[str] | tuple[str, ...] = ()) -> str:
@@ -28,6 +38,10 @@ def load(text: str | Mapping[str, Any]) -> CLoRAArgs:
     data = json.loads(text) if isinstance(text, str) else dict(text)
     if not isinstance(data, dict):
         raise CLoRAArgsError("CLoRA: the infotext entry is not a JSON object")
+    written = _version(data.get("version", "0"))
+    for since, old in CHANGED_DEFAULTS:
+        if written < _version(since):
+            data = {**old, **data}
     data = {k: v for k, v in data.items() if k not in _META}
     data["enabled"] = True
     return validate(data)

@@ -80,7 +80,7 @@ class CLoRAArgs(_Strict):
     refine_at: List[float] = Field([0.0, 0.2, 0.4], title="Refine at (fractions of the steps)", max_items=16)
     refine_iterations: int = Field(20, title="Refine iterations", ge=0, le=100)
     refine_tolerance: float = Field(
-        0.01, title="Refine tolerance (0: the paper's fixed count)", ge=0.0, le=0.5, ui_step=0.005,
+        0.0, title="Refine tolerance (0: the paper's fixed count)", ge=0.0, le=0.5, ui_step=0.005,
         description="refinement stops once an iteration improves the loss by less than this fraction",
     )
     mask_threshold: float = Field(0.4, title="Mask threshold", ge=0.0, le=1.0)

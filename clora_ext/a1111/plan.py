@@ -6,7 +6,6 @@
   engine's variant rows and to the conditioning table, the proxy that hands the fused
   rows back to the host, and one fused step over a batch (``fused_step``);
 - token maps per prompt-editing segment, following the host's chunking;
-- conditioning padding to a common token length.
 """
 
 from __future__ import annotations
@@ -19,8 +18,9 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 import torch
 
 from ..concepts import Composition, PhraseNotFound, Variant
+from ..conditioning import ConditioningTable
 from ..engine import CLoRAEngine, RowLayout, StepOutput
-from ..tokens import CHUNK_LENGTH, TokenMapSpec, plan_token_maps
+from ..tokens import TokenMapSpec, plan_token_maps
 from ..update import DDPMSpace, SigmaSpace
 
 LoRASet = tuple  # ((lora name, multiplier), ...)
@@ -170,6 +170,29 @@ def make_condition(context: torch.Tensor | dict, image_cond: torch.Tensor) -> di
     return {"c_crossattn": [context], "c_concat": [image_cond]}
 
 
+@dataclass
+class HostRowModel:
+    """The engine's row model over the host's inner model, for the images ``ids`` of the batch."""
+
+    inner: Callable[..., torch.Tensor]
+    rows: ProxyRows
+    table: ConditioningTable
+    ids: torch.Tensor
+    sigma: torch.Tensor
+    image_cond: torch.Tensor
+
+    def _table_index(self, layout: RowLayout) -> torch.Tensor:
+        return self.rows.table_index(layout, self.ids)
+
+    def row_groups(self, layout: RowLayout) -> list[torch.Tensor]:
+        return self.table.row_groups(self._table_index(layout))
+
+    def __call__(self, x_rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+        images = self.ids[layout.image.to(self.ids.device)]
+        cond = make_condition(self.table.select(self._table_index(layout)), self.image_cond.index_select(0, images))
+        return self.inner(x_rows, self.sigma.index_select(0, images), cond=cond)
+
+
 def fused_step(
     engine: CLoRAEngine,
     inner: Callable[..., torch.Tensor],
@@ -177,7 +200,7 @@ def fused_step(
     x: torch.Tensor,
     sigma: torch.Tensor,
     image_cond: torch.Tensor,
-    table: torch.Tensor | dict,
+    table: ConditioningTable,
     maps: Sequence[tuple[TokenMapSpec, ...]],
     step: int,
     total: int,
@@ -188,7 +211,8 @@ def fused_step(
     """One CLoRA step for the whole batch; returns the fused [cond rows; uncond rows].
 
     ``inner(x, sigma, cond=...)`` is the host's inner model (x0 or eps prediction);
-    ``table`` holds every (uncond, variant, image) cond row at this step; ``maps[b]``
+    ``table`` holds every (uncond, variant, image) cond row at this step, each at its
+    own token length (rows of different lengths are run in separate calls, as the host does); ``maps[b]``
     are image b's token maps. Images with equal token maps share one engine step
     (one batched UNet call); a group that is not the whole batch is updated on a
     copy that is written back into ``x``, so ``x`` is always updated in place.
@@ -199,12 +223,7 @@ def fused_step(
         whole = group == list(range(x.shape[0]))
         xg = x if whole else x.index_select(0, ids)
 
-        def row_model(x_rows: torch.Tensor, layout: RowLayout, ids: torch.Tensor = ids) -> torch.Tensor:
-            images = ids[layout.image.to(ids.device)]
-            context = select_rows(table, rows.table_index(layout, ids))
-            cond = make_condition(context, image_cond.index_select(0, images))
-            return inner(x_rows, sigma.index_select(0, images), cond=cond)
-
+        row_model = HostRowModel(inner, rows, table, ids, sigma, image_cond)
         engine.token_maps = maps[group[0]]
         space = SigmaSpace(sigma.index_select(0, ids)) if k_diffusion else DDPMSpace()
         out = engine.step(xg, step, total, space, row_model, allow_update=allow_update)
@@ -295,41 +314,6 @@ def token_map_schedule(
             out.append((end, tuple(specs)))
         start = end
     return out
-
-
-# -- conditioning ------------------------------------------------------------------------------
-
-
-def token_length(cond: torch.Tensor | dict) -> int:
-    return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[-2]
-
-
-def pad_tokens(cond: torch.Tensor | dict, length: int, empty: torch.Tensor) -> torch.Tensor | dict:
-    """Append empty-prompt chunks (``empty``: (1, 77, D)) up to ``length`` tokens, as the host pads cond/uncond."""
-    if isinstance(cond, dict):
-        return {**cond, "crossattn": pad_tokens(cond["crossattn"], length, empty)}
-    missing = length - cond.shape[-2]
-    if missing == 0:
-        return cond
-    if missing < 0 or missing % CHUNK_LENGTH:
-        raise ValueError(f"cannot pad {cond.shape[-2]} tokens to {length}")
-    filler = empty.reshape(CHUNK_LENGTH, -1).to(cond.device, cond.dtype).repeat(missing // CHUNK_LENGTH, 1)
-    return torch.cat([cond, filler], dim=-2)
-
-
-def stack_conds(conds: Sequence[torch.Tensor | dict], empty: torch.Tensor) -> torch.Tensor | dict:
-    """Stack per-row conds (T, D) or SDXL dicts, padded to the longest."""
-    length = max(token_length(c) for c in conds)
-    padded = [pad_tokens(c, length, empty) for c in conds]
-    if isinstance(padded[0], dict):
-        return {k: torch.stack([c[k] for c in padded]) for k in padded[0]}
-    return torch.stack(padded)
-
-
-def select_rows(table: torch.Tensor | dict, index: torch.Tensor) -> torch.Tensor | dict:
-    if isinstance(table, dict):
-        return {k: v.index_select(0, index.to(v.device)) for k, v in table.items()}
-    return table.index_select(0, index.to(table.device))
 
 
 def suggest_names(name: str, installed: Sequence[str]) -> str:

@@ -30,6 +30,7 @@ import torch
 from modules import patches, sd_samplers, sd_samplers_cfg_denoiser, sd_samplers_common, sd_samplers_kdiffusion, shared
 from modules.shared import state
 
+from ..conditioning import ConditioningTable
 from ..engine import CLoRAEngine, EngineHooks, LoRAUse
 from . import encoding, infotext, lora_bridge
 from .params import CLoRAArgs
@@ -41,7 +42,6 @@ from .plan import (
     fused_step,
     pick_segment,
     plan_variants,
-    stack_conds,
     token_map_schedule,
 )
 from .previews import PreviewStore
@@ -253,7 +253,7 @@ class Pass:
     def _on_refine(self, i: int, n: int) -> None:
         state.textinfo = f"CLoRA refine {i}/{n}"
 
-    def _cond_table(self, step: int) -> Any:
+    def _cond_table(self, step: int) -> ConditioningTable:
         """Conds of every (uncond, variant, image) row at ``step``, stacked in ProxyRows.table_index order."""
         plan = self.plan
         rows = []
@@ -262,7 +262,9 @@ class Pass:
                 for image in range(len(jobs)):
                     j = jobs[image][v]
                     rows.append(self.conds[j][pick_segment(self.cond_ends[j], step)].cond)
-        return stack_conds(rows, self.empty)
+        # the host runs cond and uncond at their own lengths unless told to pad them
+        pad = shared.opts.pad_cond_uncond or getattr(shared.opts, "pad_cond_uncond_v0", False)
+        return ConditioningTable(rows, self.empty if pad else None)
 
     def step(self, denoiser: Any, x: torch.Tensor, sigma: torch.Tensor, image_cond: torch.Tensor) -> torch.Tensor:
         step = denoiser.step

@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 
 from ..concepts import Composition, Concept
-from ..engine import CLoRAEngine, EngineHooks, EngineSettings, LoRAUse, RowLayout, RowModel
+from ..conditioning import ConditioningTable
+from ..engine import CLoRAEngine, EngineHooks, EngineSettings, LoRAUse, RowLayout, RowModel, row_groups
 from ..lora_file import MappedLoRA
 from ..routing import Route, RowRouter
-from ..tokens import BPEChunkTokenizer, pad_chunks, plan_token_maps
+from ..tokens import CHUNK_LENGTH, BPEChunkTokenizer, pad_chunks, plan_token_maps
 from ..update import DDPMSpace, SigmaSpace
 from .tiny_sd import BOS, EOS, clip_bpe, encode_text_batch
 
@@ -58,15 +59,56 @@ class TinySD:
     def __post_init__(self):
         self.tokenizer = BPEChunkTokenizer(clip_bpe().encode)
 
-    def encode(self, prompts: Sequence[str], te_routes: Sequence[Route] = ()) -> torch.Tensor:
-        """(N, 77*n, D) conditioning; ``te_routes`` route text-encoder LoRAs to prompt rows."""
+    def encode(self, prompts: Sequence[str], te_routes: Sequence[Route] = ()) -> list[torch.Tensor]:
+        """Each prompt's (77*n, D) conditioning at its own chunk count n, as the host encodes a
+        prompt; ``te_routes`` route text-encoder LoRAs to prompt rows."""
         chunked = [self.tokenizer.chunks(p) for p in prompts]
         n = max(len(c) for c in chunked)
-        chunked = [c + [[]] * (n - len(c)) for c in chunked]
-        ids = [pad_chunks(c, BOS, EOS) for c in chunked]
+        # chunks are encoded one by one, so a row's empty filler chunks are cut off again below
+        ids = [pad_chunks(c + [[]] * (n - len(c)), BOS, EOS) for c in chunked]
         router = RowRouter(self.text_encoder)
         with router.routed(te_routes, len(prompts)):
-            return encode_text_batch(self.text_encoder, ids)
+            encoded = encode_text_batch(self.text_encoder, ids)
+        return [e[: CHUNK_LENGTH * len(c)] for e, c in zip(encoded, chunked)]
+
+
+class VariantConds:
+    """The cond and uncond of every variant, each at its own token length.
+
+    Table rows: the V cond rows, then the V uncond rows. Rows of different lengths run
+    in separate model calls (``row_groups``), as the host runs a prompt and a longer
+    negative prompt.
+    """
+
+    def __init__(self, cond: Sequence[torch.Tensor], uncond: Sequence[torch.Tensor]):
+        self.cond, self.uncond = list(cond), list(uncond)
+        self.table = ConditioningTable(self.cond + self.uncond)
+
+    def _index(self, layout: RowLayout) -> torch.Tensor:
+        return layout.uncond.long().cpu() * len(self.cond) + layout.variant.cpu()
+
+    def row_groups(self, layout: RowLayout) -> list[torch.Tensor]:
+        return [g.to(layout.image.device) for g in self.table.row_groups(self._index(layout))]
+
+    def context(self, layout: RowLayout) -> torch.Tensor:
+        return self.table.select(self._index(layout))
+
+
+@dataclass
+class UNetRows:
+    """A row model over a bare UNet at one timestep (eps prediction, input scaled by ``c_in``)."""
+
+    unet: nn.Module
+    conds: VariantConds
+    t: torch.Tensor
+    c_in: float = 1.0
+
+    def row_groups(self, layout: RowLayout) -> list[torch.Tensor]:
+        return self.conds.row_groups(layout)
+
+    def __call__(self, x_rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+        context = self.conds.context(layout).to(x_rows.device)
+        return self.unet(x_rows * self.c_in, self.t.expand(len(layout)), context=context)
 
 
 @dataclass
@@ -82,8 +124,8 @@ def prepare_clora(
     prompt: str,
     negative: str,
     concepts: Sequence[ConceptLoRA],
-) -> tuple[torch.Tensor, torch.Tensor, list[list[LoRAUse]], list]:
-    """Variant conds/unconds (V, T, D), per-variant UNet LoRA lists and token maps."""
+) -> tuple[VariantConds, list[list[LoRAUse]], list]:
+    """Variant conds and unconds, per-variant UNet LoRA lists and token maps."""
     by_lora = {c.concept.lora: c.lora for c in concepts}
     composition = Composition.from_concepts([c.concept for c in concepts])
     variants = composition.variants(prompt)
@@ -99,7 +141,7 @@ def prepare_clora(
     te_routes_all = te_routes + [Route(r.deltas, [i + n for i in r.rows], r.multiplier, r.name) for r in te_routes]
     encoded = model.encode([v.prompt for v in variants] + [negative] * n, te_routes_all)
     token_maps = plan_token_maps(composition, variants, model.tokenizer)
-    return encoded[:n], encoded[n:], unet_loras, token_maps
+    return VariantConds(encoded[:n], encoded[n:]), unet_loras, token_maps
 
 
 def generate(
@@ -136,14 +178,9 @@ def generate(
     sigmas = torch.cat([sched.sigmas[timesteps.long()], torch.zeros(1, dtype=torch.float64)]).float()
 
     if concepts:
-        cond, uncond, unet_loras, token_maps = prepare_clora(model, prompt, negative, concepts)
+        conds, unet_loras, token_maps = prepare_clora(model, prompt, negative, concepts)
     else:
-        cond, uncond = model.encode([prompt]), model.encode([negative])
-        unet_loras, token_maps = [[]], []
-
-    def eps_model(x_rows: torch.Tensor, layout: RowLayout, t: torch.Tensor, c_in: float) -> torch.Tensor:
-        context = torch.where(layout.uncond[:, None, None], uncond[layout.variant], cond[layout.variant])
-        return model.unet(x_rows * c_in, t.expand(len(layout)), context=context)
+        conds, unet_loras, token_maps = VariantConds(*[model.encode([p]) for p in (prompt, negative)]), [[]], []
 
     x = noise * sigmas[0] if sampler == "euler" else noise
     engine = CLoRAEngine(model.unet, unet_loras, token_maps, settings, hooks) if concepts else None
@@ -159,9 +196,7 @@ def generate(
                 c_in = 1.0
                 space = DDPMSpace()
 
-            def row_model(x_rows, layout, t=t, c_in=c_in):
-                return eps_model(x_rows, layout, t, c_in)
-
+            row_model: RowModel = UNetRows(model.unet, conds, t, c_in)
             if row_model_wrapper is not None:
                 row_model = row_model_wrapper(row_model)
             if engine is not None:
@@ -170,7 +205,9 @@ def generate(
             else:
                 layout = RowLayout.build(batch_size, 1, with_uncond=True, device=device)
                 with torch.no_grad():
-                    e = row_model(x.index_select(0, layout.image), layout)
+                    e = torch.empty_like(x.index_select(0, layout.image))
+                    for rows in row_groups(row_model, layout):  # the host's separate cond and uncond calls
+                        e[rows] = row_model(x.index_select(0, layout.image[rows]), layout.select(rows))
                 e_cond, e_uncond = e[:batch_size], e[batch_size:]
             eps = e_uncond + cfg_scale * (e_cond - e_uncond)
             with torch.no_grad():
