@@ -132,6 +132,36 @@ class StepRecord:
     loss_after: float | None = None  # loss of the maps the fused prediction used, summed over the images
     image_loss_after: list[float] = field(default_factory=list)  # the same, per image
     overlap_after: float | None = None
+    batch_images: list[int] | None = None  # batch position of each image when the step ran a part of a batch
+
+    def batch_image(self, b: int) -> int:
+        return self.batch_images[b] if self.batch_images is not None else b
+
+
+def update_summary(records: Sequence[StepRecord]) -> list[str]:
+    """One line per image: its contrastive loss before and after the updates, each pair at the same step.
+
+    "Before" is the loss at the latent the sampler handed over, "after" the loss of the maps
+    the step's fused prediction used, so both come from one timestep.
+    """
+    per_image: dict[int, list[tuple[StepRecord, int]]] = {}
+    for r in records:
+        if r.image_updates and r.image_loss_after:
+            for b in r.image_losses:
+                per_image.setdefault(r.batch_image(b), []).append((r, b))
+    lines = []
+    for image in sorted(per_image):
+        steps = per_image[image]
+        pairs = [(r.image_losses[b][0], r.image_loss_after[b]) for r, b in steps]
+        first, fb = steps[0]
+        kept = sum(r.image_updates.get(b, 0) for r, b in steps)
+        before, after = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
+        lines.append(
+            f"image {image + 1}: contrastive loss {pairs[0][0]:.4f} -> {pairs[0][1]:.4f} at step {first.step + 1} "
+            f"({first.image_updates.get(fb, 0)} updates); mean {before:.4f} -> {after:.4f} over its "
+            f"{len(steps)} update steps ({kept} updates kept)"
+        )
+    return lines
 
 
 @dataclass

@@ -77,3 +77,27 @@ class Schedule:
 
     def masks_at(self, step: int, total: int) -> bool:
         return step >= round(self.mask_start * total)
+
+
+def schedule_notes(schedule: Schedule, total: int, model_calls: int | None = None, content_concepts: int = 2) -> list[str]:
+    """What will run differently from the schedule as set, in words for the infotext notes.
+
+    ``total``: the steps the schedule is counted over; ``model_calls``: the steps the
+    sampler really runs, when it differs (the host's DDIM runs N-1 for N steps).
+    """
+    notes = []
+    if content_concepts < 2:
+        notes.append("one content subject: the contrastive loss needs two, so no latent update runs "
+                     "(masks and fusion only)")
+        return notes
+    last_update = round(schedule.update_fraction * total)
+    past = [f for f in schedule.refine_at if round(f * total) >= last_update]
+    if schedule.refine_iterations and past:
+        points = ", ".join(f"{f:g}" for f in past)
+        notes.append(f"refine at {points}: at or past the update fraction {schedule.update_fraction:g}, "
+                     "so no refinement runs there")
+    if model_calls is not None and model_calls != total:
+        ran = min(last_update, model_calls)
+        notes.append(f"the sampler runs {model_calls} model steps for {total} steps; the schedule counts {total} "
+                     f"(updates in the first {ran} of the {model_calls})")
+    return notes

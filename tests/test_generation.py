@@ -101,3 +101,16 @@ def test_refinement_decisions_are_made_per_image(tiny, concepts, sampler):
     first = engine.records[0]
     assert len({len(v) for v in first.image_losses.values()}) > 1  # the images stopped at different passes
     assert first.image_losses[0] == pytest.approx(alone_engine.records[0].image_losses[0], rel=1e-4)
+
+
+def test_a_long_negative_prompt_leaves_the_variants_at_their_own_length(tiny, concepts):
+    """With LoRAs at weight 0 and no triggers every variant predicts what the plain prompt does, so
+    CLoRA without updates must give the plain picture, also beside a 2-chunk negative prompt (the
+    host runs the two lengths apart; padding the prompt with empty chunks would change it)."""
+    silent = [ConceptLoRA(Concept(c.concept.subject, c.concept.lora, weight=0.0, te_weight=0.0), c.lora) for c in concepts]
+    negative = ", ".join(["blurry, low quality, jpeg artefacts, watermark"] * 8)
+    assert len(tiny.tokenizer.chunks(negative)) == 2
+    kwargs = dict(seed=4, steps=3, latent_hw=(16, 16))
+    plain, _ = generate(tiny, "a cat and a dog", negative, **kwargs)
+    fused, _ = generate(tiny, "a cat and a dog", negative, concepts=silent, allow_update=False, **kwargs)
+    assert torch.allclose(plain, fused, rtol=1e-4, atol=1e-3)  # latents reach ~100: float noise of batching

@@ -227,6 +227,7 @@ def fused_step(
         engine.token_maps = maps[group[0]]
         space = SigmaSpace(sigma.index_select(0, ids)) if k_diffusion else DDPMSpace()
         out = engine.step(xg, step, total, space, row_model, allow_update=allow_update)
+        engine.records[-1].batch_images = group
         if not whole:
             x[ids] = xg
         if fused_cond is None:

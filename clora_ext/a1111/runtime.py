@@ -31,7 +31,8 @@ from modules import patches, sd_samplers, sd_samplers_cfg_denoiser, sd_samplers_
 from modules.shared import state
 
 from ..conditioning import ConditioningTable
-from ..engine import CLoRAEngine, EngineHooks, LoRAUse
+from ..engine import CLoRAEngine, EngineHooks, LoRAUse, update_summary
+from ..update import schedule_notes
 from . import encoding, infotext, lora_bridge
 from .params import CLoRAArgs
 from .plan import (
@@ -56,6 +57,9 @@ ONE_CALL_PER_STEP = {
     "sample_dpmpp_3m_sde",
     "ddim",
 }
+
+# samplers whose N steps are N-1 model calls (the host's timestep samplers loop over N-1 intervals)
+RUNS_ONE_STEP_FEWER = {"ddim"}
 
 _active: "Run | None" = None
 
@@ -221,6 +225,12 @@ class Pass:
             run.note("hires pass: masks and routing only, no latent updates")
         elif not self.updates:
             run.note(f"sampler {p.sampler_name!r} calls the model more than once per step: masks and fusion only, no latent updates")
+        else:
+            settings = args.engine_settings()
+            steps = denoiser.total_steps
+            calls = steps - 1 if self._func_name(denoiser) in RUNS_ONE_STEP_FEWER else None
+            for message in schedule_notes(settings.schedule, steps, calls, len(composition.content)):
+                run.note(message)
         variant_loras = [
             [LoRAUse(name, self.loras[name].unet, weight) for name, weight in lora_set] for lora_set in self.plan.unet_loras
         ]
@@ -243,9 +253,13 @@ class Pass:
         return encoding.Schedule(p.firstpass_steps, None, p.width, p.height)
 
     @staticmethod
-    def _one_call_per_step(denoiser: Any) -> bool:
+    def _func_name(denoiser: Any) -> str | None:
         func = getattr(denoiser.sampler, "funcname", None)
-        return getattr(func, "__name__", func) in ONE_CALL_PER_STEP
+        return getattr(func, "__name__", func)
+
+    @classmethod
+    def _one_call_per_step(cls, denoiser: Any) -> bool:
+        return cls._func_name(denoiser) in ONE_CALL_PER_STEP
 
     def serves(self, denoiser: Any) -> bool:
         return denoiser is self.denoiser and shared.sd_model is self.model
@@ -288,13 +302,11 @@ class Pass:
         for handle in self._stops:
             handle.remove()
         records = self.engine.records
-        updated = [r for r in records if r.iterations and r.loss_after is not None]
-        if updated:  # one console line per pass: did the updates lower the contrastive loss?
-            print(
-                f"CLoRA: {len(records)} model steps, {sum(r.iterations for r in updated)} latent updates in "
-                f"{len(updated)} steps; contrastive loss {updated[0].losses[0]:.4f} before the first update, "
-                f"{updated[-1].loss_after:.4f} after the last"
-            )
+        updated = sum(1 for r in records if r.iterations)
+        if updated:  # did the updates lower the contrastive loss? per image, before and after at the same step
+            print(f"CLoRA: {len(records)} model steps, {sum(r.iterations for r in records)} latent updates in {updated} steps")
+            for line in update_summary(records):
+                print(f"CLoRA: {line}")
 
 
 def _interrupted() -> bool:
