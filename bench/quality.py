@@ -40,12 +40,17 @@ from PIL import Image, ImageDraw
 from clora_ext.engine import EngineSettings
 from clora_ext.masks import Morphology
 from clora_ext.update import Schedule
-from miniworld.compose import Result, Task, run
+from miniworld.compose import Result, Task, run, score
 from miniworld.evaluate import summarise as summarise_results
 from miniworld.loras import BY_SHAPE, STYLE
 from miniworld.model import load_model
 
+from .reference import generate_reference
+
 METHODS = ("plain", "merge", "fusion_only", "update_only", "clora_paper", "clora_default")
+# on request: the reference implementation's per-step computation (bench.reference: stale maps and
+# prediction after an update, maps averaged over cond and uncond rows), paper settings, Euler only
+REFERENCE = "clora_reference"
 SAMPLERS = ("euler", "ddim")
 
 
@@ -66,6 +71,7 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
         "update_only": ("clora", dataclasses.replace(paper, schedule=Schedule(refine_iterations=20, mask_start=1.0))),
         "clora_paper": ("clora", paper),
         "clora_default": ("clora", EngineSettings()),
+        REFERENCE: (REFERENCE, paper),
     }[method]
 
 
@@ -109,10 +115,14 @@ def summarise(scored: list[Scored]) -> dict:
 
 
 def difference(a: list[Scored], b: list[Scored], key: str = "success") -> dict:
-    """Paired difference of a rate (same tasks, seeds, samplers) with a 95 % normal interval."""
-    d = np.array([float(x.result.verdict[key]) - float(y.result.verdict[key]) for x, y in zip(a, b)])
+    """Paired difference of a rate over the pictures both have (same item, seed and sampler), with a
+    95 % normal interval."""
+    theirs = {(s.item, s.sampler): s for s in b}
+    pairs = [(x, theirs[(x.item, x.sampler)]) for x in a if (x.item, x.sampler) in theirs]
+    d = np.array([float(x.result.verdict[key]) - float(y.result.verdict[key]) for x, y in pairs])
     half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 1.0
-    return {"difference": round(float(d.mean()), 3), "ci": [round(float(d.mean() - half), 3), round(float(d.mean() + half), 3)]}
+    return {"difference": round(float(d.mean()), 3), "ci": [round(float(d.mean() - half), 3), round(float(d.mean() + half), 3)],
+            "n": len(d)}
 
 
 def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: tuple[str, ...] = SAMPLERS,
@@ -136,13 +146,26 @@ def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: t
             for method in methods:
                 how, settings = method_settings(method)
                 key = (how, settings)
+                if how == REFERENCE and sampler != "euler":
+                    continue
                 if key not in done:
                     t0 = time.perf_counter()
-                    result = run(model, task, how, seed, steps=steps, sampler=sampler, settings=settings, concepts=concepts)
+                    if how == REFERENCE:
+                        result = _reference(model, task, seed, steps, settings, concepts)
+                    else:
+                        result = run(model, task, how, seed, steps=steps, sampler=sampler, settings=settings,
+                                     concepts=concepts)
                     done[key] = Scored(result, time.perf_counter() - t0, suite, sampler, k)
                 scored[method].append(dataclasses.replace(done[key]))
         log(f"{suite} item {k + 1}/{len(items)} done")
     return scored
+
+
+def _reference(model, task: Task, seed: int, steps: int, settings: EngineSettings, concepts) -> Result:
+    latent, stats = generate_reference(model, task.prompt, "", concepts, seed=seed, steps=steps, cfg_scale=5.0,
+                                       latent_hw=(32, 32), schedule=settings.schedule, step_size=settings.step_size,
+                                       mask_threshold=settings.mask_threshold, tau=settings.tau)
+    return score(task, REFERENCE, seed, latent, gradient_passes=stats.backward_passes)
 
 
 def merge(parts: list[dict[str, list[Scored]]]) -> dict[str, list[Scored]]:
@@ -152,16 +175,20 @@ def merge(parts: list[dict[str, list[Scored]]]) -> dict[str, list[Scored]]:
             for m in methods}
 
 
+def _summaries(scored: dict[str, list[Scored]], keep) -> dict:
+    """Each method's summary over the pictures ``keep`` selects (methods without any are left out)."""
+    picked = {m: [s for s in v if keep(s)] for m, v in scored.items()}
+    return {m: summarise(v) for m, v in picked.items() if v}
+
+
 def build_report(scored: dict[str, list[Scored]], quick: bool, steps: int) -> dict:
     methods = list(scored)
     samplers = sorted({s.sampler for v in scored.values() for s in v}, key=SAMPLERS.index)
     suite_names = list(dict.fromkeys(s.suite for s in next(iter(scored.values()))))
     report = {
         "methods": {m: summarise(s) for m, s in scored.items()},
-        "suites": {suite: {m: summarise([s for s in scored[m] if s.suite == suite]) for m in methods}
-                   for suite in suite_names},
-        "samplers": {sampler: {m: summarise([s for s in scored[m] if s.sampler == sampler]) for m in methods}
-                     for sampler in samplers},
+        "suites": {suite: _summaries(scored, lambda s: s.suite == suite) for suite in suite_names},
+        "samplers": {sampler: _summaries(scored, lambda s: s.sampler == sampler) for sampler in samplers},
         "settings": {"quick": quick, "steps": steps, "samplers": samplers, "cfg_scale": 5.0,
                      "methods": {m: _describe(m) for m in methods},
                      "defaults_are_the_papers": method_settings("clora_default") == method_settings("clora_paper"),
@@ -170,6 +197,8 @@ def build_report(scored: dict[str, list[Scored]], quick: bool, steps: int) -> di
     }
     if "clora_default" in scored and "clora_paper" in scored:
         report["clora_default_minus_paper"] = difference(scored["clora_default"], scored["clora_paper"])
+    if REFERENCE in scored and "clora_paper" in scored:
+        report["clora_paper_minus_reference"] = difference(scored["clora_paper"], scored[REFERENCE])
     if "clora_default" in scored and "merge" in scored:
         report["clora_default_minus_merge"] = difference(scored["clora_default"], scored["merge"])
         for suite in suite_names:
@@ -205,10 +234,10 @@ def format_table(report: dict) -> str:
     lines = []
     for suite, methods in report["suites"].items():
         lines += [f"**{suite}** ({report['settings']['images_per_method'][suite]} images per method)", "",
-                  "| method | success | bleed | omission | duplicate | style_ok | mask IoU | s/image | gradient passes |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| method | n | success | bleed | omission | duplicate | style_ok | mask IoU | s/image | gradient passes |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, m in methods.items():
-            lines.append(f"| {name} | {cell(m, 'success')} | {cell(m, 'bleed')} | {cell(m, 'omission')} | "
+            lines.append(f"| {name} | {m['n']} | {cell(m, 'success')} | {cell(m, 'bleed')} | {cell(m, 'omission')} | "
                          f"{cell(m, 'duplicate')} | {cell(m, 'style_ok')} | {m.get('mask_iou', '-')} | "
                          f"{m['seconds_per_image']:.2f} | {m['gradient_passes']:.0f} |")
         lines.append("")
@@ -243,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few images per suite (under 5 minutes on 2 cores)")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--grid", help="write the methods x seeds picture grid here (PNG)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS + (REFERENCE,), default=list(METHODS))
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--shard", default="1/1", help="i/n: render every n-th item from the i-th (with --save)")

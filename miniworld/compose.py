@@ -113,15 +113,23 @@ def run(
                                   allow_update=method == "clora", on_step=on_step, **common)
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    return score(task, method, seed, latent, engine)
+
+
+def score(task: Task, method: str, seed: int, latent: torch.Tensor, engine: CLoRAEngine | None = None,
+          masks: torch.Tensor | None = None, gradient_passes: int = 0) -> Result:
+    """Judge the picture of ``latent`` with the oracle; CLoRA masks (from ``engine`` or given) against its objects."""
     image = to_image(latent)[0]
     analysis = analyse(image)
     verdict = judge(analysis, task.subjects() if method != "plain" else [Subject(s.shape) for s in task.subjects()])
     if task.style:
         verdict["style_ok"] = style_ok(analysis, task)
-    result = Result(method, seed, image, analysis, verdict)
+    result = Result(method, seed, image, analysis, verdict, gradient_passes=gradient_passes)
     if engine is not None and engine.last_output is not None:
-        masks = engine.last_output.masks[0].detach().cpu()
+        masks = engine.last_output.masks[0]
         result.gradient_passes = sum(len(r.losses) for r in engine.records)
+    if masks is not None:
+        masks = masks.detach().cpu()
         for k, subject in enumerate(task.subjects(), start=1):
             found = [o.mask for o in analysis.objects if o.shape == subject.shape]
             target = np.any(found, axis=0) if found else np.zeros(image.shape[1:], dtype=bool)
