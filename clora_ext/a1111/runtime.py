@@ -26,6 +26,7 @@ import importlib.util
 from typing import Any
 
 import torch
+from fastapi.exceptions import HTTPException
 
 from modules import patches, sd_samplers, sd_samplers_cfg_denoiser, sd_samplers_common, sd_samplers_kdiffusion, shared
 from modules.shared import state
@@ -33,8 +34,8 @@ from modules.shared import state
 from ..conditioning import ConditioningTable
 from ..engine import CLoRAEngine, EngineHooks, LoRAUse, update_summary
 from ..update import schedule_notes
-from . import encoding, infotext, lora_bridge
-from .params import CLoRAArgs
+from . import encoding, infotext, lora_bridge, samplers
+from .params import CLoRAArgs, CLoRAArgsError
 from .plan import (
     CLoRARuntimeError,
     FusedProxy,
@@ -47,21 +48,30 @@ from .plan import (
 )
 from .previews import PreviewStore
 
-# samplers that call the model exactly once per step, on the tensor they continue from
-ONE_CALL_PER_STEP = {
-    "sample_euler",
-    "sample_euler_ancestral",
-    "sample_lms",
-    "sample_dpmpp_2m",
-    "sample_dpmpp_2m_sde",
-    "sample_dpmpp_3m_sde",
-    "ddim",
-}
-
-# samplers whose N steps are N-1 model calls (the host's timestep samplers loop over N-1 intervals)
-RUNS_ONE_STEP_FEWER = {"ddim"}
-
 _active: "Run | None" = None
+
+
+class RequestRefused(HTTPException):
+    """A request CLoRA cannot run, as the host's API answers it: 422 with the message.
+
+    An HTTPException, because the host prints a full backtrace in its console for any
+    other exception; the message is printed here once instead.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(status_code=422, detail=message)
+
+    def __str__(self) -> str:
+        return str(self.detail)
+
+
+def refused(error: Exception) -> Exception:
+    """The host-facing form of a CLoRA error (others pass unchanged)."""
+    if isinstance(error, (CLoRARuntimeError, CLoRAArgsError)):
+        message = str(error) if str(error).startswith("CLoRA") else f"CLoRA: {error}"
+        print(f"{message} (request refused)")
+        return RequestRefused(message)
+    return error
 
 
 def install() -> None:
@@ -158,7 +168,7 @@ class Run:
 
     def forward(self, original, denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         if self.error is not None:
-            raise self.error
+            raise refused(self.error)
         if state.interrupted or state.skipped:  # the host's forward raises InterruptedException
             return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
         try:
@@ -166,6 +176,9 @@ class Run:
                 self._close_pass()
                 self._pass = Pass(self, denoiser, cond)
             fused = self._pass.step(denoiser, x, sigma, image_cond)
+        except (CLoRARuntimeError, CLoRAArgsError) as e:
+            self._close_pass()
+            raise refused(e) from None
         except BaseException:
             self._close_pass()
             raise
@@ -219,17 +232,18 @@ class Pass:
         images, n_variants = len(prompts), self.plan.n_variants
         self.rows = ProxyRows(images, n_variants)
         self.empty = self.model.cond_stage_model_empty_prompt
-        self.k_diffusion = isinstance(denoiser, sd_samplers_kdiffusion.CFGDenoiserKDiffusion)
-        self.updates = not self.hires and self._one_call_per_step(denoiser)
+        # k-diffusion samplers (LCM's included) hand the model x_t / sqrt(abar); the timestep ones x_t
+        self.k_diffusion = isinstance(denoiser.sampler, sd_samplers_kdiffusion.KDiffusionSampler)
+        sampler = samplers.support(self._func_name(denoiser))
+        self.updates = not self.hires and sampler.updates
         if self.hires:
             run.note("hires pass: masks and routing only, no latent updates")
         elif not self.updates:
-            run.note(f"sampler {p.sampler_name!r} calls the model more than once per step: masks and fusion only, no latent updates")
+            run.note(f"sampler {p.sampler_name!r} {sampler.reason}: masks and fusion only, no latent updates")
         else:
-            settings = args.engine_settings()
             steps = denoiser.total_steps
-            calls = steps - 1 if self._func_name(denoiser) in RUNS_ONE_STEP_FEWER else None
-            for message in schedule_notes(settings.schedule, steps, calls, len(composition.content)):
+            calls = steps - 1 if sampler.one_step_fewer else None
+            for message in schedule_notes(args.engine_settings().schedule, steps, calls, len(composition.content)):
                 run.note(message)
         variant_loras = [
             [LoRAUse(name, self.loras[name].unet, weight) for name, weight in lora_set] for lora_set in self.plan.unet_loras
@@ -256,10 +270,6 @@ class Pass:
     def _func_name(denoiser: Any) -> str | None:
         func = getattr(denoiser.sampler, "funcname", None)
         return getattr(func, "__name__", func)
-
-    @classmethod
-    def _one_call_per_step(cls, denoiser: Any) -> bool:
-        return cls._func_name(denoiser) in ONE_CALL_PER_STEP
 
     def serves(self, denoiser: Any) -> bool:
         return denoiser is self.denoiser and shared.sd_model is self.model

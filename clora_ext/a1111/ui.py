@@ -15,6 +15,7 @@ from . import lora_bridge
 from .params import NO_LORA, ROW_FIELDS, SETTING_FIELDS, VERSION, CLoRAArgs, ConceptArgs, ui_value
 
 SECTION = ("clora", "CLoRA")
+SETTINGS_CATEGORY = "sd"  # 1.10 groups Settings by category; CLoRA sits beside Extra Networks
 VISIBLE_ROWS = 2
 
 
@@ -132,5 +133,7 @@ def register_settings() -> None:
         else:
             component, args = gr.Textbox, {}
         shared.opts.add_option(
-            option_key(name), shared.OptionInfo(default, f"CLoRA default: {info.title}", component, args, section=SECTION)
+            option_key(name),
+            shared.OptionInfo(default, f"CLoRA default: {info.title}", component, args, section=SECTION,
+                              category_id=SETTINGS_CATEGORY),
         )
