@@ -37,8 +37,10 @@ class CLoRAScript(scripts.Script):
     def process(self, p: Any, *args: Any) -> None:
         runtime.reset()  # a failed generation skips postprocess
         if not isinstance(p, processing.StableDiffusionProcessingTxt2Img):
-            if args and _wants_clora(args):
-                print("CLoRA: only txt2img is supported; ignored here")
+            if args and _wants_clora(args):  # refused (HTTP 422), never run without CLoRA
+                runtime.start(p, None, CLoRARuntimeError(
+                    "CLoRA: img2img and inpainting are not supported yet; use txt2img, or send the request "
+                    "without CLoRA"))
             return
         try:
             parsed = parse_args(args, ui.settings_defaults())

@@ -57,9 +57,13 @@ def _slider_step(field: Any) -> float:
 
 
 def build_img2img() -> list:
+    """A note, and one hidden input: the host's img2img API passes a script only as many
+    arguments as it has inputs, and a request that asks for CLoRA must reach the script to
+    be refused rather than run without it."""
     with gr.Accordion("CLoRA", open=False, elem_id="clora-img2img"):
         gr.HTML("<p class='clora-note'>CLoRA works in txt2img only.</p>")
-    return []
+        requested = gr.Checkbox(value=False, visible=False, elem_id="clora-img2img-requested")
+    return [requested]
 
 
 def build_txt2img() -> tuple[list, InputAccordion]:
