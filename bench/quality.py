@@ -126,7 +126,8 @@ def difference(a: list[Scored], b: list[Scored], key: str = "success") -> dict:
 
 
 def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: tuple[str, ...] = SAMPLERS,
-            steps: int = 20, shard: tuple[int, int] = (1, 1), log=print) -> dict[str, list[Scored]]:
+            steps: int = 20, shard: tuple[int, int] = (1, 1), only: tuple[str, ...] = (),
+            log=print) -> dict[str, list[Scored]]:
     """Render and judge every (suite, task, seed) item of ``shard`` = (i, n): items i-1, i-1+n, ...
 
     A method whose settings equal an earlier method's (``clora_default`` and ``clora_paper``
@@ -138,7 +139,7 @@ def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: t
     items = [(suite, task, seed) for suite, pairs in suites(quick).items() for task, seed in pairs]
     scored: dict[str, list[Scored]] = {m: [] for m in methods}
     for k, (suite, task, seed) in enumerate(items):
-        if k % shard[1] != shard[0] - 1:
+        if k % shard[1] != shard[0] - 1 or (only and suite not in only):
             continue
         concepts = task.concepts(model)
         for sampler in samplers:
@@ -169,9 +170,9 @@ def _reference(model, task: Task, seed: int, steps: int, settings: EngineSetting
 
 
 def merge(parts: list[dict[str, list[Scored]]]) -> dict[str, list[Scored]]:
-    """The scored pictures of several shards, in the order one unsharded run gives."""
-    methods = list(parts[0])
-    return {m: sorted((s for p in parts for s in p[m]), key=lambda s: (s.item, SAMPLERS.index(s.sampler)))
+    """The scored pictures of several shards (or runs of other methods), in the order one run gives."""
+    methods = list(dict.fromkeys(m for p in parts for m in p))
+    return {m: sorted((s for p in parts for s in p.get(m, [])), key=lambda s: (s.item, SAMPLERS.index(s.sampler)))
             for m in methods}
 
 
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS + (REFERENCE,), default=list(METHODS))
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--suites", nargs="+", choices=("two", "three", "style"), default=[],
+                        help="only these suites (default: all)")
     parser.add_argument("--shard", default="1/1", help="i/n: render every n-th item from the i-th (with --save)")
     parser.add_argument("--save", help="pickle the judged pictures here (to --merge shards later)")
     parser.add_argument("--merge", nargs="+", metavar="PICKLE", help="report on saved shards instead of rendering")
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         scored = merge(parts)
     else:
         shard = tuple(int(v) for v in args.shard.split("/"))
-        scored = collect(args.quick, tuple(args.methods), tuple(args.samplers), args.steps, shard)
+        scored = collect(args.quick, tuple(args.methods), tuple(args.samplers), args.steps, shard, tuple(args.suites))
         if args.save:
             with open(args.save, "wb") as f:
                 pickle.dump(scored, f)
@@ -306,4 +309,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the imported module, so that pickled pictures name bench.quality's classes, not __main__'s
+    from bench.quality import main as _main
+
+    _main()

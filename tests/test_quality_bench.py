@@ -23,12 +23,26 @@ def test_quick_quality_report_structure(tmp_path):
     assert report["methods"]["merge"]["gradient_passes"] == 0 and "mask_iou" not in report["methods"]["merge"]
     assert report["methods"]["clora_default"]["gradient_passes"] > 0
     assert 0.0 <= report["methods"]["clora_default"]["mask_iou"] <= 1.0
-    assert set(report["clora_default_minus_merge"]) == {"difference", "ci"}
+    assert set(report["clora_default_minus_merge"]) == {"difference", "ci", "n"}
     assert report["settings"]["methods"]["update_only"]["mask_start"] == 1.0
     table = quality.format_table(report)
     assert table.count("| clora_default |") == len(report["suites"])
     grid = quality.image_grid(scored, columns=2)
     assert grid.width > 100 and grid.height > 3 * 32
+
+
+def test_shards_merge_into_one_run_and_equal_settings_share_pictures():
+    methods = ("merge", "clora_paper", "clora_default")
+    kwargs = dict(quick=True, methods=methods, samplers=("euler",), steps=2, log=lambda m: None)
+    parts = [quality.collect(shard=(i, 2), **kwargs) for i in (1, 2)]
+    merged = quality.merge(parts)
+    assert [s.item for s in merged["merge"]] == [0, 1, 2, 3]
+    assert [len(p["merge"]) for p in parts] == [2, 2]
+    assert quality.method_settings("clora_default") == quality.method_settings("clora_paper")
+    for a, b in zip(merged["clora_default"], merged["clora_paper"]):
+        assert a.result is b.result  # rendered once
+    report = quality.build_report(merged, quick=True, steps=2)
+    assert report["clora_default_minus_paper"] == {"difference": 0.0, "ci": [0.0, 0.0], "n": 4}
 
 
 def test_wilson_interval():
