@@ -18,8 +18,10 @@ import time
 import numpy as np
 import torch
 
+from clora_ext.engine import EngineSettings
+
 from .compose import METHODS, Result, run
-from .demo import TASKS, demo_settings
+from .demo import TASKS
 from .model import load_model, update_manifest
 
 RATES = ("success", "bleed", "omission", "duplicate", "style_ok")
@@ -54,7 +56,7 @@ def evaluate(task_key: str, seeds: int, methods: tuple[str, ...], steps: int = 2
     model = load_model()
     task = TASKS[task_key]
     concepts = task.concepts(model)
-    settings = demo_settings(steps)
+    settings = EngineSettings()
     figures: dict = {"prompt": task.prompt, "loras": list(task.content), "seeds": seeds, "steps": steps,
                      "sampler": sampler, "methods": {}}
     for method in methods:
