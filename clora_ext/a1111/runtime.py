@@ -183,14 +183,17 @@ class Run:
             self._close_pass()
             raise
         inner = denoiser.inner_model
-        denoiser.model_wrap = FusedProxy(inner, fused, self._pass.rows)
+        proxy = FusedProxy(inner, fused, self._pass.rows)
+        denoiser.model_wrap = proxy
         try:
             return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
         except BaseException:  # sampling ends here: take the hooks off the model now
             self._close_pass()
             raise
         finally:
-            denoiser.model_wrap = inner
+            # the SDXL refiner switch replaces the wrapper inside the host's forward: keep the host's
+            if denoiser.model_wrap is proxy:
+                denoiser.model_wrap = inner
 
     def _close_pass(self) -> None:
         if self._pass is not None:

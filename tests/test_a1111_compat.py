@@ -1,0 +1,22 @@
+"""The host versions CLoRA accepts."""
+
+from __future__ import annotations
+
+import pytest
+
+from clora_ext.a1111.compat import parse_version, unsupported_reason
+
+
+@pytest.mark.parametrize("tag,version", [
+    ("v1.10.1", (1, 10, 1)), ("1.10.1", (1, 10, 1)), ("v1.8.0-RC-3-gabc1234", (1, 8, 0)), ("v1.9", (1, 9, 0)),
+    ("<none>", None), ("", None), ("f0.0.17v1.8.0rc-latest-276-g29be1da7", None),
+])
+def test_version_tags(tag, version):
+    assert parse_version(tag) == version
+
+
+def test_older_hosts_are_refused_with_the_supported_range():
+    reason = unsupported_reason("v1.7.0")
+    assert "1.8.0 or newer" in reason and "v1.7.0" in reason and "1.10.1" in reason
+    assert unsupported_reason("v1.8.0") is None and unsupported_reason("v1.10.1") is None
+    assert unsupported_reason("<none>") is None  # a checkout without tags: the glue's own checks apply
