@@ -3,7 +3,8 @@
 All prompt variants run in one batch; each batch row gets the deltas of its own
 LoRAs only. A forward hook on every targeted Linear/Conv2d adds, for each route,
 ``delta(x[rows])`` to ``out[rows]``. Plain LoRA/LoCon deltas go through their low-rank
-factors (cheap); any other format is applied as a materialised weight delta.
+factors (cheap), LoHa as an exact low-rank delta, LoKr through its Kronecker factors;
+any other format is a weight delta built per routed pass.
 Weights are never written: removing the hooks leaves the model exactly as it was.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -91,7 +92,106 @@ class DenseDelta:
         return self.weight.float().reshape(weight_shape)
 
 
-Delta = LowRankDelta | DenseDelta
+@dataclass
+class KroneckerDelta:
+    """W' = W + scale * kron(a, b) (LoKr), applied without building the weight-sized product.
+
+    a (o1, i1); b (o2, i2) for a Linear, (o2, i2, kh, kw) for a Conv2d (the kernel is b's). The
+    module is (o1*o2) x (i1*i2) [x kh x kw], row-major: input channel i1*I2 + i2, output o1*O2 + o2.
+    A conv runs b over each of the i1 channel groups, then mixes the groups with a.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float = 1.0
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "KroneckerDelta":
+        return KroneckerDelta(self.a.to(device, dtype), self.b.to(device, dtype), self.scale)
+
+    def apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        (o1, i1), o2, i2 = self.a.shape, self.b.shape[0], self.b.shape[1]
+        if isinstance(module, nn.Conv2d):
+            n = x.shape[0]
+            h = F.conv2d(x.reshape(n * i1, i2, *x.shape[2:]), self.b, **_conv_args(module))
+            h = torch.einsum("nijhw,oi->nojhw", h.reshape(n, i1, o2, *h.shape[2:]), self.a)
+            return h.reshape(n, o1 * o2, *h.shape[3:]) * self.scale
+        y = torch.einsum("...jk,oj,pk->...op", x.reshape(*x.shape[:-1], i1, i2), self.a, self.b)
+        return y.reshape(*x.shape[:-1], o1 * o2) * self.scale
+
+    def dense(self, weight_shape: torch.Size) -> torch.Tensor:
+        a = self.a.float()
+        if self.b.dim() == 4:
+            a = a[:, :, None, None]
+        return (torch.kron(a, self.b.float()) * self.scale).reshape(weight_shape)
+
+
+@dataclass
+class LazyDelta:
+    """A delta that only exists as a way to build it (``build() -> (weight delta, bias delta or None)``).
+
+    For formats without a cheap factored form: the weight-sized tensor is built when a
+    route is set up (``to``), in the model's dtype and on its device, and freed with the
+    routes at the end of that pass, instead of being kept for the whole run.
+    """
+
+    build: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> DenseDelta:
+        weight, bias = self.build()
+        return DenseDelta(weight.to(device, dtype), None if bias is None else bias.to(device, dtype))
+
+    def apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.to(x.device, x.dtype).apply(module, x)
+
+    def dense(self, weight_shape: torch.Size) -> torch.Tensor:
+        return self.build()[0].float().reshape(weight_shape)
+
+
+@dataclass
+class HadamardDelta:
+    """LoHa's factors as the file holds them; routed as the exact low-rank delta they make
+    (``hadamard_as_low_rank``), built when a route is set up (``to``) so that only the small
+    factors are kept between passes."""
+
+    w1a: torch.Tensor
+    w1b: torch.Tensor
+    w2a: torch.Tensor
+    w2b: torch.Tensor
+    scale: float
+    weight_shape: tuple[int, ...]
+
+    def low_rank(self, device: torch.device | None = None) -> "LowRankDelta":
+        factors = [w.to(device).float() for w in (self.w1a, self.w1b, self.w2a, self.w2b)]
+        return hadamard_as_low_rank(*factors, self.scale, self.weight_shape)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "LowRankDelta":
+        return self.low_rank(device).to(device, dtype)
+
+    def apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.to(x.device, x.dtype).apply(module, x)
+
+    def dense(self, weight_shape: torch.Size) -> torch.Tensor:
+        return self.low_rank().dense(weight_shape)
+
+
+def hadamard_as_low_rank(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+                         scale: float, weight_shape: Sequence[int]) -> LowRankDelta:
+    """LoHa's (w1a @ w1b) * (w2a @ w2b) exactly, as one low-rank delta of rank r1 * r2.
+
+    Entry (o, i) of the Hadamard product is sum over (j, k) of (w1a[o, j] w2a[o, k]) (w1b[j, i] w2b[k, i]):
+    up[o, (j, k)] = w1a[o, j] w2a[o, k], down[(j, k), i] = w1b[j, i] w2b[k, i] (face-splitting products).
+    A conv's ``*_b`` factors flatten (in, kh, kw); down gets the kernel back.
+    """
+    r1, r2 = w1a.shape[1], w2a.shape[1]
+    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r1 * r2)
+    down = (w1b.flatten(1)[:, None, :] * w2b.flatten(1)[None, :, :]).reshape(r1 * r2, -1)
+    if len(weight_shape) == 4:
+        down = down.reshape(r1 * r2, *weight_shape[1:])
+        up = up[:, :, None, None]
+    return LowRankDelta(down=down, up=up, scale=scale)
+
+
+Delta = LowRankDelta | DenseDelta | KroneckerDelta | HadamardDelta | LazyDelta
 
 
 @dataclass
@@ -200,6 +300,8 @@ def merged(root: nn.Module, deltas: Mapping[str, Delta], multiplier: float = 1.0
         with torch.no_grad():
             for name, delta in deltas.items():
                 module = modules[name]
+                if isinstance(delta, LazyDelta):
+                    delta = delta.to(module.weight.device, torch.float32)
                 backups[name] = (module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone())
                 module.weight += (multiplier * delta.dense(module.weight.shape)).to(module.weight.dtype)
                 if isinstance(delta, DenseDelta) and delta.bias is not None and module.bias is not None:

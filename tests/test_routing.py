@@ -173,3 +173,80 @@ def test_lora_for_another_family_is_refused(tmp_path, tiny_unet, tiny_unet_sdxl)
     wide = build_tiny_unet("sd15", seed=0, context_dim=48)  # same names, other shapes
     with pytest.raises(LoRAFileError, match="another model family"):
         map_lora(read_lora_file(sd15_file), wide)
+
+
+# -- factored formats: LoHa as low rank, LoKr through its Kronecker factors, others built per pass --------
+
+
+def test_loha_as_low_rank_is_exact_for_linear_and_conv():
+    from clora_ext.routing import hadamard_as_low_rank
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(24, 40), (16, 8, 3, 3)]:
+        out, fan_in = shape[0], int(torch.tensor(shape[1:]).prod())
+        w1a, w1b = torch.randn(out, 4, generator=g), torch.randn(4, fan_in, generator=g)
+        w2a, w2b = torch.randn(out, 3, generator=g), torch.randn(3, fan_in, generator=g)
+        delta = hadamard_as_low_rank(w1a, w1b, w2a, w2b, 0.5, shape)
+        want = ((w1a @ w1b) * (w2a @ w2b) * 0.5).reshape(shape)
+        assert delta.rank == 12
+        assert torch.allclose(delta.dense(torch.Size(shape)), want, atol=1e-4)
+        module = torch.nn.Linear(40, 24) if len(shape) == 2 else torch.nn.Conv2d(8, 16, 3, padding=1)
+        x = torch.randn(2, 40, generator=g) if len(shape) == 2 else torch.randn(2, 8, 6, 6, generator=g)
+        plain = torch.nn.functional.linear(x, want) if len(shape) == 2 else torch.nn.functional.conv2d(x, want, padding=1)
+        assert torch.allclose(delta.apply(module, x), plain, atol=1e-3)
+
+
+def test_kronecker_delta_applies_without_building_the_weight():
+    from clora_ext.routing import KroneckerDelta
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 5, generator=g), torch.randn(6, 8, generator=g)
+    delta = KroneckerDelta(a, b, scale=0.25)
+    module = torch.nn.Linear(40, 24)
+    x = torch.randn(3, 7, 40, generator=g)
+    want = torch.nn.functional.linear(x, torch.kron(a, b) * 0.25)
+    assert torch.allclose(delta.apply(module, x), want, atol=1e-4)
+    assert torch.allclose(delta.dense(torch.Size((24, 40))), torch.kron(a, b) * 0.25)
+    # a conv: b carries the kernel; stride and padding are the module's
+    b4 = torch.randn(6, 2, 3, 3, generator=g)
+    conv = torch.nn.Conv2d(10, 24, 3, stride=2, padding=1)
+    delta = KroneckerDelta(a, b4, scale=0.5)
+    x = torch.randn(2, 10, 9, 9, generator=g)
+    weight = delta.dense(conv.weight.shape)
+    assert torch.allclose(weight, torch.kron(a[:, :, None, None], b4) * 0.5)
+    assert torch.allclose(delta.apply(conv, x), torch.nn.functional.conv2d(x, weight, stride=2, padding=1), atol=1e-4)
+
+
+def test_lazy_delta_is_built_once_per_routed_pass_and_matches_dense():
+    from clora_ext.routing import LazyDelta, RowRouter
+
+    builds = []
+    weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))
+
+    def build():
+        builds.append(1)
+        return weight, None
+
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6))
+    lazy = {"0": LazyDelta(build)}
+    x = torch.randn(2, 5)
+    with torch.no_grad():
+        base = net(x)
+        with RowRouter(net).routed([Route(lazy, [1])], 2):
+            out = net(x)
+            net(x)
+    assert len(builds) == 1  # built when the routes were set, not per call
+    assert torch.allclose(out[0], base[0]) and torch.allclose(out[1], base[1] + x[1] @ weight.T, atol=1e-5)
+
+
+def test_hadamard_delta_keeps_the_factors_and_routes_as_low_rank():
+    from clora_ext.routing import HadamardDelta, LowRankDelta, hadamard_as_low_rank
+
+    g = torch.Generator().manual_seed(3)
+    w = [torch.randn(24, 4, generator=g), torch.randn(4, 40, generator=g), torch.randn(24, 2, generator=g),
+         torch.randn(2, 40, generator=g)]
+    delta = HadamardDelta(*[t.half() for t in w], 0.5, (24, 40))
+    routed = delta.to(torch.device("cpu"), torch.float32)
+    assert isinstance(routed, LowRankDelta) and routed.rank == 8 and routed.up.dtype == torch.float32
+    want = hadamard_as_low_rank(*[t.half().float() for t in w], 0.5, (24, 40)).dense(torch.Size((24, 40)))
+    assert torch.allclose(delta.dense(torch.Size((24, 40))), want)

@@ -3,8 +3,11 @@
 Every file is parsed by the host's own loader (``networks.load_network``: LoRA,
 LoCon, LoHa, LoKr, IA3, OFT, full, GLoRA, ...) into a Network object of our own,
 never put in the host's cache. Its UNet modules become per-row deltas for the
-core's RowRouter: plain two-factor LoRA stays low-rank, every other module type is
-materialised with the host's ``calc_updown``. Its text-encoder part is applied by
+core's RowRouter: plain two-factor LoRA stays low-rank, LoHa becomes an exact low-rank
+delta, LoKr is applied through its Kronecker factors, and every other
+module type is built with the host's ``calc_updown`` once per routed pass. The cache
+between generations holds factors on the CPU; each generation copies them to the device
+and drops the copies when it ends. Its text-encoder part is applied by
 the host itself: the Network is put into ``networks.loaded_networks`` while a
 variant is encoded. Files the host cannot map (diffusers/PEFT keys) go through the
 core's reader instead; their text-encoder deltas are routed onto every row of the
@@ -14,8 +17,10 @@ encoder for the duration of an encoding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -25,7 +30,7 @@ import torch.nn as nn
 from modules import extra_networks, shared
 
 from ..lora_file import LoRAFileError, map_lora, read_lora_file
-from ..routing import Delta, DenseDelta, LowRankDelta, Route, RowRouter
+from ..routing import Delta, HadamardDelta, KroneckerDelta, LazyDelta, LowRankDelta, Route, RowRouter
 from .plan import CLoRARuntimeError, suggest_names
 
 
@@ -79,21 +84,36 @@ class HostLoRA:
     skipped: int = 0  # modules the router cannot target (norm layers)
 
 
-_cache: dict[tuple, HostLoRA] = {}
+CACHE_SIZE = 8  # LoRAs kept between generations (one generation's worth); CPU memory, about their files' size
+_cache: "OrderedDict[tuple, HostLoRA]" = OrderedDict()
 
 
 def load(name: str) -> HostLoRA:
-    """The LoRA ``name`` for the current model; cached until the file or the model changes."""
+    """The LoRA ``name`` for the current model, its UNet deltas on the CPU.
+
+    Cached (least recently used first out, at most ``CACHE_SIZE``) until the file or the
+    model changes; a checkpoint change drops every entry of the old model.
+    """
     entry = on_disk(name)
     model = shared.sd_model
     _check_version(entry, model)
     mtime = os.path.getmtime(entry.filename)
     key = (name, entry.filename, mtime, id(model))
-    if key not in _cache:
-        for old in [k for k in _cache if k[0] == name or k[3] != id(model)]:
-            del _cache[old]
-        _cache[key] = _load(name, entry, mtime, model)
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    for old in [k for k in _cache if k[0] == name or k[3] != id(model)]:
+        del _cache[old]
+    _cache[key] = _load(name, entry, mtime, model)
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
     return _cache[key]
+
+
+def on_device(deltas: dict[str, Delta], device: torch.device, dtype: torch.dtype) -> dict[str, Delta]:
+    """One generation's device copies of cached deltas, in the model's dtype (LoHa's low-rank form is
+    built here; a LazyDelta stays lazy: the router builds it per pass)."""
+    return {k: d if isinstance(d, LazyDelta) else d.to(device, dtype) for k, d in deltas.items()}
 
 
 def _check_version(entry: Any, model: Any) -> None:
@@ -105,7 +125,6 @@ def _check_version(entry: Any, model: Any) -> None:
 
 def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
     unet_root = model.model.diffusion_model
-    param = next(unet_root.parameters())
     try:
         net = networks().load_network(name, entry)
     except Exception as e:  # the host's reader: safetensors errors, unknown module types, ...
@@ -123,11 +142,14 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
             if not isinstance(target, (nn.Linear, nn.Conv2d)):
                 lora.skipped += 1
                 continue
-            lora.unet[names[id(target)]] = _delta(module, target).to(param.device, param.dtype)
+            lora.unet[names[id(target)]] = _cpu(_delta(module, target))
     else:
         _load_with_reader(lora, entry, model)
     if lora.skipped:
         print(f"CLoRA: LoRA {name!r}: {lora.skipped} module(s) on normalisation layers cannot be routed per row and are left out")
+    if lora.te_network is not None:  # keep only the text-encoder modules the host applies; the UNet's are ours
+        unet_ids = {id(m) for m in unet_root.modules()}
+        net.modules = {k: m for k, m in net.modules.items() if id(m.sd_module) not in unet_ids}
     if not lora.unet and lora.te_network is None and not lora.te_deltas:
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} has no layer that matches the loaded model")
     return lora
@@ -144,10 +166,19 @@ def _check_fits(name: str, module: Any, target: nn.Module) -> None:
     if weight is None:
         return
     detail = ""
-    if type(module).__name__ == "NetworkModuleLora":
-        up, down = module.up_model.weight, module.down_model.weight
-        fits = up.shape[0] == weight.shape[0] and down.shape[1] == weight.shape[1]
-        detail = f": out x in is {weight.shape[0]}x{weight.shape[1]} in the model, {up.shape[0]}x{down.shape[1]} in the LoRA"
+    kind = type(module).__name__
+    factors = None  # (out, in) of the LoRA, read from its factors without building the delta
+    if kind == "NetworkModuleLora":
+        factors = module.up_model.weight.shape[0], module.down_model.weight.shape[1]
+    elif kind == "NetworkModuleHada" and module.t1 is None:
+        factors = module.w1a.shape[0], module.w1b.shape[1:].numel() // weight.shape[2:].numel()
+    elif kind == "NetworkModuleLokr" and module.t2 is None:
+        w1 = module.w1.shape if module.w1 is not None else (module.w1a.shape[0], module.w1b.shape[1])
+        w2 = module.w2.shape if module.w2 is not None else (module.w2a.shape[0], module.w2b.shape[1])
+        factors = w1[0] * w2[0], w1[1] * w2[1]
+    if factors is not None:
+        fits = factors == (weight.shape[0], weight.shape[1])
+        detail = f": out x in is {weight.shape[0]}x{weight.shape[1]} in the model, {factors[0]}x{factors[1]} in the LoRA"
     else:
         try:
             with torch.no_grad():
@@ -164,14 +195,49 @@ def _check_fits(name: str, module: Any, target: nn.Module) -> None:
 
 
 def _delta(module: Any, target: nn.Module) -> Delta:
-    """Plain LoRA stays low-rank; anything else (CP mid, bias, LoHa, LoKr, OFT, ...) goes dense."""
-    if type(module).__name__ == "NetworkModuleLora" and module.mid_model is None and module.bias is None:
-        return LowRankDelta(
-            down=module.down_model.weight.detach(), up=module.up_model.weight.detach(), scale=float(module.calc_scale())
-        )
+    """The cheapest exact form of one host module's weight delta (multiplier 1).
+
+    Plain LoRA stays low-rank; LoHa becomes an exact low-rank delta of rank r1*r2 where that
+    is smaller than the weight; LoKr is applied through its Kronecker factors;
+    anything else (CP/Tucker factors, bias or DoRA terms, OFT, full, IA3, ...) is built by the
+    host's ``calc_updown`` once per routed pass.
+    """
+    kind = type(module).__name__
+    shape = target.weight.shape
+    plain = getattr(module, "bias", None) is None and getattr(module, "dora_scale", None) is None
+    scale = float(module.calc_scale()) if plain else 1.0
+    if kind == "NetworkModuleLora" and module.mid_model is None and plain:
+        return LowRankDelta(down=module.down_model.weight.detach(), up=module.up_model.weight.detach(), scale=scale)
+    if kind == "NetworkModuleHada" and plain and module.t1 is None and module.t2 is None:
+        rank = module.w1a.shape[1] * module.w2a.shape[1]
+        if rank * (shape[0] + shape[1:].numel()) < shape.numel():
+            return HadamardDelta(module.w1a.detach(), module.w1b.detach(), module.w2a.detach(), module.w2b.detach(),
+                                 scale, tuple(shape))
+    grouped = isinstance(target, nn.Conv2d) and target.groups != 1
+    if kind == "NetworkModuleLokr" and plain and module.t2 is None and not grouped:
+        w1 = module.w1 if module.w1 is not None else module.w1a.float() @ module.w1b.float()
+        w2 = module.w2 if module.w2 is not None else module.w2a.float() @ module.w2b.float()
+        if w2.dim() == 2 and len(shape) == 4:  # a 1x1 conv written with a 2-D factor
+            w2 = w2.reshape(*w2.shape, *shape[2:]) if shape[2:].numel() == 1 else w2
+        if w1.dim() == 2 and w2.dim() == len(shape) and (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]) == tuple(shape[:2]) \
+                and tuple(w2.shape[2:]) == tuple(shape[2:]):
+            return KroneckerDelta(w1.detach().float(), w2.detach().float(), scale)
+    return LazyDelta(functools.partial(_build_dense, module, target))
+
+
+def _build_dense(module: Any, target: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     with torch.no_grad():
         updown, ex_bias = module.calc_updown(target.weight)
-    return DenseDelta(updown.detach().reshape(target.weight.shape), None if ex_bias is None else ex_bias.detach())
+    return updown.detach().reshape(target.weight.shape), None if ex_bias is None else ex_bias.detach()
+
+
+def _cpu(delta: Delta) -> Delta:
+    """What the cache keeps: the factors on the CPU in the file's dtype (LoHa's and LazyDelta's are
+    the host's own tensors, already there)."""
+    if isinstance(delta, (LazyDelta, HadamardDelta)):
+        return delta
+    first = delta.down if isinstance(delta, LowRankDelta) else delta.a if isinstance(delta, KroneckerDelta) else delta.weight
+    return delta.to(torch.device("cpu"), first.dtype)
 
 
 def _load_with_reader(lora: HostLoRA, entry: Any, model: Any) -> None:
@@ -184,8 +250,7 @@ def _load_with_reader(lora: HostLoRA, entry: Any, model: Any) -> None:
         mapped = map_lora(weights, model.model.diffusion_model, text_encoder=model.cond_stage_model.wrapped.transformer)
     except LoRAFileError as e:
         raise CLoRARuntimeError(f"CLoRA: {e}") from None
-    param = next(model.model.diffusion_model.parameters())
-    lora.unet = {k: d.to(param.device, param.dtype) for k, d in mapped.unet.items()}
+    lora.unet = {k: _cpu(d) for k, d in mapped.unet.items()}
     lora.te_deltas = dict(mapped.text_encoder)
 
 

@@ -248,8 +248,11 @@ class Pass:
             calls = steps - 1 if sampler.one_step_fewer else None
             for message in schedule_notes(args.engine_settings().schedule, steps, calls, len(composition.content)):
                 run.note(message)
+        # this pass's device copies of the cached (CPU) deltas: gone with the pass
+        param = next(self.model.model.diffusion_model.parameters())
+        unet_deltas = {name: lora_bridge.on_device(lora.unet, param.device, param.dtype) for name, lora in self.loras.items()}
         variant_loras = [
-            [LoRAUse(name, self.loras[name].unet, weight) for name, weight in lora_set] for lora_set in self.plan.unet_loras
+            [LoRAUse(name, unet_deltas[name], weight) for name, weight in lora_set] for lora_set in self.plan.unet_loras
         ]
         hooks = EngineHooks(on_refine=self._on_refine, interrupted=_interrupted, warn=run.note)
         self.engine = CLoRAEngine(
@@ -320,6 +323,9 @@ class Pass:
             print(f"CLoRA: {len(records)} model steps, {sum(r.iterations for r in records)} latent updates in {updated} steps")
             for line in update_summary(records):
                 print(f"CLoRA: {line}")
+        # the engine's hooks point back at this pass: break the cycle so that this pass's device
+        # copies of the LoRAs are freed now, not at the next full garbage collection
+        self.engine = None
 
 
 def _interrupted() -> bool:
