@@ -221,7 +221,8 @@ def _delta(module: Any, target: nn.Module) -> Delta:
             w2 = w2.reshape(*w2.shape, *shape[2:]) if shape[2:].numel() == 1 else w2
         if w1.dim() == 2 and w2.dim() == len(shape) and (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]) == tuple(shape[:2]) \
                 and tuple(w2.shape[2:]) == tuple(shape[2:]):
-            return KroneckerDelta(w1.detach().float(), w2.detach().float(), scale)
+            dtype = (module.w1 if module.w1 is not None else module.w1a).dtype  # the file's
+            return KroneckerDelta(w1.detach().to(dtype), w2.detach().to(dtype), scale)
     return LazyDelta(functools.partial(_build_dense, module, target))
 
 

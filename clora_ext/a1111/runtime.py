@@ -21,8 +21,10 @@ forward; a ``cfg_denoiser`` callback that edits ``x_in`` or the conds is not see
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
+import sys
 from typing import Any
 
 import torch
@@ -326,6 +328,17 @@ class Pass:
         # the engine's hooks point back at this pass: break the cycle so that this pass's device
         # copies of the LoRAs are freed now, not at the next full garbage collection
         self.engine = None
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Give the pass's freed CPU buffers back to the OS (glibc keeps them in its heap otherwise,
+    so the server's RSS would only ever grow by each generation's peak)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to do
+            pass
 
 
 def _interrupted() -> bool:
