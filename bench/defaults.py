@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 
 import numpy as np
@@ -30,7 +29,7 @@ from miniworld.compose import run
 from miniworld.evaluate import wilson
 from miniworld.model import load_model
 
-from .quality import PAPER_SETTINGS, suites
+from .quality import PAPER_SETTINGS, paired, suites
 
 PAPER = "paper"
 
@@ -88,10 +87,8 @@ def report(paths: list[str]) -> dict:
                  "mask_iou": round(float(np.mean([v for c in cells.values() for v in c["mask_iou"]] or [0])), 3)}
         shared = [k for k in cells if k in base]
         if name != PAPER and len(shared) > 1:
-            d = np.array([float(cells[k]["verdict"]["success"]) - float(base[k]["verdict"]["success"]) for k in shared])
-            half = 1.96 * d.std(ddof=1) / math.sqrt(len(d))
-            entry["minus_paper"] = round(float(d.mean()), 3)
-            entry["minus_paper_ci"] = [round(float(d.mean() - half), 3), round(float(d.mean() + half), 3)]
+            diff = paired([float(cells[k]["verdict"]["success"]) - float(base[k]["verdict"]["success"]) for k in shared])
+            entry["minus_paper"], entry["minus_paper_ci"] = diff["difference"], diff["ci"]
         table[name] = entry
     return table
 

@@ -119,7 +119,12 @@ def difference(a: list[Scored], b: list[Scored], key: str = "success") -> dict:
     95 % normal interval."""
     theirs = {(s.item, s.sampler): s for s in b}
     pairs = [(x, theirs[(x.item, x.sampler)]) for x in a if (x.item, x.sampler) in theirs]
-    d = np.array([float(x.result.verdict[key]) - float(y.result.verdict[key]) for x, y in pairs])
+    return paired([float(x.result.verdict[key]) - float(y.result.verdict[key]) for x, y in pairs])
+
+
+def paired(differences: list[float]) -> dict:
+    """Mean of per-picture differences with a 95 % normal interval (half-width 1 for a single pair)."""
+    d = np.array(differences)
     half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 1.0
     return {"difference": round(float(d.mean()), 3), "ci": [round(float(d.mean() - half), 3), round(float(d.mean() + half), 3)],
             "n": len(d)}

@@ -40,6 +40,10 @@ class LowRankDelta:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down.dtype
+
     def to(self, device: torch.device, dtype: torch.dtype) -> "LowRankDelta":
         mid = None if self.mid is None else self.mid.to(device, dtype)
         return LowRankDelta(self.down.to(device, dtype), self.up.to(device, dtype), self.scale, mid)
@@ -78,6 +82,10 @@ class DenseDelta:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
     def to(self, device: torch.device, dtype: torch.dtype) -> "DenseDelta":
         bias = None if self.bias is None else self.bias.to(device, dtype)
         return DenseDelta(self.weight.to(device, dtype), bias)
@@ -104,6 +112,10 @@ class KroneckerDelta:
     a: torch.Tensor
     b: torch.Tensor
     scale: float = 1.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "KroneckerDelta":
         return KroneckerDelta(self.a.to(device, dtype), self.b.to(device, dtype), self.scale)

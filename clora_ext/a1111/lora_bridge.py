@@ -237,8 +237,7 @@ def _cpu(delta: Delta) -> Delta:
     the host's own tensors, already there)."""
     if isinstance(delta, (LazyDelta, HadamardDelta)):
         return delta
-    first = delta.down if isinstance(delta, LowRankDelta) else delta.a if isinstance(delta, KroneckerDelta) else delta.weight
-    return delta.to(torch.device("cpu"), first.dtype)
+    return delta.to(torch.device("cpu"), delta.dtype)
 
 
 def _load_with_reader(lora: HostLoRA, entry: Any, model: Any) -> None:
