@@ -202,6 +202,16 @@ def gradient_ready(root: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+HALF_LOSS_SCALE = 2.0**12  # fp16's smallest normal is 6e-5: gradients of O(1e-6) survive this scale
+
+
+def _zero_gradient_message(dtype: torch.dtype, scale: float) -> str:
+    if scale > 1:
+        return (f"CLoRA: the latent gradient is zero even with loss scaling x{scale:g} (half-precision model); "
+                "no latent update runs. Run the model in full precision (--no-half) for the updates")
+    return f"CLoRA: the latent gradient is zero ({dtype} latent); no latent update runs"
+
+
 class CLoRAEngine:
     """Runs CLoRA step by step for one generation. Use as a context manager."""
 
@@ -222,6 +232,10 @@ class CLoRAEngine:
         self.records: list[StepRecord] = []
         self.last_output: StepOutput | None = None  # maps and masks of the latest step, for previews
         self.updates_enabled = True
+        # half precision: the loss is scaled before the backward pass so that small gradients
+        # do not flush to zero in the fp16 activations (unscaled before the update)
+        dtype = next(unet.parameters()).dtype
+        self.loss_scale = HALF_LOSS_SCALE if dtype == torch.float16 else 1.0
         self._warned: set[str] = set()
         self.token_maps = token_maps
 
@@ -275,17 +289,21 @@ class CLoRAEngine:
         space: LatentSpace,
         model: RowModel,
         allow_update: bool = True,
+        update_region: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One sampling step. ``x`` (B, C, H, W) is the sampler's latent, updated in place."""
+        """One sampling step. ``x`` (B, C, H, W) is the sampler's latent, updated in place;
+        ``update_region`` (broadcastable to one image's latent, or one per image) confines the
+        update to where it is 1 (the inpaint mask)."""
         record = StepRecord(step)
         self.records.append(record)
         iterations = self.settings.schedule.iterations_at(step, total_steps)
         if allow_update and self.updates_enabled and self._n_concepts >= 2 and iterations:
-            self._optimise(x, space, model, iterations, record)
+            self._optimise(x, space, model, iterations, record, update_region)
         self.last_output = self._fused_pass(x, step, total_steps, model, record)
         return self.last_output
 
-    def _optimise(self, x: torch.Tensor, space: LatentSpace, model: RowModel, iterations: int, record: StepRecord) -> None:
+    def _optimise(self, x: torch.Tensor, space: LatentSpace, model: RowModel, iterations: int, record: StepRecord,
+                  region: torch.Tensor | None = None) -> None:
         """Update ``x`` in place; every image of the batch refines, stops and takes back on its own loss."""
         tolerance = self.settings.refine_tolerance
         active = torch.arange(x.shape[0], device=x.device)
@@ -319,16 +337,24 @@ class CLoRAEngine:
                     if not keep:
                         return
                     kept = torch.tensor(keep, device=x.device)
-                    (grad,) = torch.autograd.grad(losses_t.index_select(0, kept).sum(), leaf)
+                    scaled = losses_t.index_select(0, kept).sum() * self.loss_scale
+                    (grad,) = torch.autograd.grad(scaled, leaf)
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch
                 self.updates_enabled = False
                 self.warn_once("oom", "CLoRA: out of memory in the gradient pass; latent updates skipped for this image")
                 return
-            grad = grad.index_select(0, kept)
+            grad = grad.index_select(0, kept).float() / self.loss_scale
             if not torch.isfinite(grad).all():
+                if self.loss_scale > 1:  # the scaled gradient overflowed: scale less from now on
+                    self.loss_scale = max(1.0, self.loss_scale / 64)
                 self.warn_once("nonfinite", "CLoRA: non-finite loss or gradient; that latent update was skipped")
                 return
             active = active.index_select(0, kept)
+            if not grad.any() and any(losses[j] != 0 for j in keep):
+                self.warn_once("zero_gradient", _zero_gradient_message(x.dtype, self.loss_scale))
+                return
+            if region is not None:
+                grad = grad * (region if region.dim() < 4 or region.shape[0] == 1 else region.index_select(0, active))
             images = active.tolist()
             if previous_x is not None:
                 previous_x[active] = x[active]

@@ -16,7 +16,8 @@
     };
     onUiLoaded(function () {
         document.querySelectorAll("[id^='clora-']").forEach(function (el) {
-            const key = el.id.replace(/-\d+$/, "");
+            // clora-txt2img-lora-3 -> clora-lora
+            const key = el.id.replace(/^clora-(txt2img|img2img)-/, "clora-").replace(/-\d+$/, "");
             if (hints[key]) {
                 el.title = hints[key];
             }

@@ -35,7 +35,8 @@ def unsupported_reason(tag: str) -> str | None:
 
 
 def host_reason() -> str | None:
-    """``unsupported_reason`` for the running host (imports the host; call from the entry script)."""
+    """``unsupported_reason`` for the running host (call from the entry script). The one host access
+    outside ``host``: on an older host, ``host``'s own imports would fail before any message."""
     try:
         from modules import launch_utils
     except ImportError:  # before 1.3 the host had no launch_utils

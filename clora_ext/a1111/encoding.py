@@ -12,9 +12,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from modules import devices, prompt_parser, shared
-
-from .lora_bridge import HostLoRA, networks, text_encoder_loras
+from . import host
+from .lora_bridge import HostLoRA, text_encoder_loras
 from .plan import ChunkedTokenizer, EncodeJob, VariantPlan
 
 CACHE_SIZE = 64
@@ -30,36 +29,16 @@ class Schedule:
     width: int
     height: int
 
-    @property
-    def use_old(self) -> bool:
-        return bool(shared.opts.use_old_scheduling)
-
     def prompt_schedules(self, texts: list[str]) -> list[list[tuple[int, str]]]:
-        raw = prompt_parser.get_learned_conditioning_prompt_schedules(texts, self.steps, self.hires_steps, self.use_old)
-        return [[(int(end), text) for end, text in schedule] for schedule in raw]
+        return host.prompt_schedules(texts, self.steps, self.hires_steps)
 
 
 def host_tokenizer() -> ChunkedTokenizer:
-    model = shared.sd_model
-    chunker = model.conditioner.embedders[0] if model.is_sdxl else model.cond_stage_model
-    return ChunkedTokenizer(chunker)
+    return ChunkedTokenizer(host.prompt_chunker(host.sd_model()))
 
 
 def _context_key(schedule: Schedule) -> tuple:
-    opts = shared.opts
-    prompt_loras = tuple((n.name, n.te_multiplier, getattr(n, "mtime", None)) for n in networks().loaded_networks)
-    return (
-        id(shared.sd_model),
-        shared.sd_model.sd_checkpoint_info,
-        schedule,
-        schedule.use_old,
-        prompt_loras,
-        opts.CLIP_stop_at_last_layers,
-        opts.emphasis,
-        opts.sdxl_crop_left,
-        opts.sdxl_crop_top,
-        opts.comma_padding_backtrack,
-    )
+    return (schedule, host.scheduling_options(), host.prompt_loras(), host.encoding_options(host.sd_model()))
 
 
 def encode(plan: VariantPlan, loras: Mapping[str, HostLoRA], schedule: Schedule) -> list[list[Any]]:
@@ -81,16 +60,10 @@ def encode(plan: VariantPlan, loras: Mapping[str, HostLoRA], schedule: Schedule)
                 results[i] = cached
         if not missing:
             continue
-        texts = prompt_parser.SdConditioning(
-            [plan.jobs[i].text for i in missing],
-            is_negative_prompt=negative,
-            width=schedule.width,
-            height=schedule.height,
-        )
-        with devices.autocast(), text_encoder_loras([(loras[name], weight) for name, weight in lora_set]):
-            conds = prompt_parser.get_learned_conditioning(
-                shared.sd_model, texts, schedule.steps, schedule.hires_steps, schedule.use_old
-            )
+        texts = [plan.jobs[i].text for i in missing]
+        with text_encoder_loras([(loras[name], weight) for name, weight in lora_set]):
+            conds = host.learned_conditioning(texts, negative, schedule.steps, schedule.hires_steps,
+                                              schedule.width, schedule.height)
         for i, cond in zip(missing, conds):
             results[i] = cond
             _cache[key(plan.jobs[i])] = cond

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,35 +26,32 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from modules import extra_networks, shared
-
 from ..lora_file import LoRAFileError, map_lora, read_lora_file
 from ..routing import Delta, HadamardDelta, KroneckerDelta, LazyDelta, LowRankDelta, Route, RowRouter
+from . import host
 from .plan import CLoRARuntimeError, suggest_names
 
 
-def networks() -> Any:
-    """The built-in Lora extension's ``networks`` module (loaded by the host with that extension)."""
-    try:
-        return importlib.import_module("networks")
-    except ImportError:
-        raise CLoRARuntimeError("CLoRA needs the built-in Lora extension, which is disabled") from None
-
-
 def lora_names() -> list[str]:
-    return sorted(networks().available_networks, key=str.lower)
+    try:
+        return host.lora_names()
+    except host.LoraExtensionMissing:
+        return []
 
 
 def refresh() -> None:
-    networks().list_available_networks()
+    try:
+        host.refresh_loras()
+    except host.LoraExtensionMissing:
+        pass
 
 
 def on_disk(name: str) -> Any:
-    nets = networks()
-    found = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
-    if found is None:
-        nets.list_available_networks()
-        found = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
+    """The host's entry for the installed LoRA ``name``; refused with a message when it is missing."""
+    try:
+        found = host.find_lora(name)
+    except host.LoraExtensionMissing as e:
+        raise CLoRARuntimeError(str(e)) from None
     if found is None:
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} is not installed; {suggest_names(name, lora_names())}")
     if not found.filename.lower().endswith(".safetensors"):  # the host would unpickle .pt/.ckpt
@@ -69,7 +65,7 @@ def activation_text(name: str) -> str:
         entry = on_disk(name)
     except CLoRARuntimeError:
         return ""
-    return str(extra_networks.get_user_metadata(entry.filename).get("activation text", "") or "")
+    return str(host.user_metadata(entry.filename).get("activation text", "") or "")
 
 
 @dataclass
@@ -95,7 +91,7 @@ def load(name: str) -> HostLoRA:
     model changes; a checkpoint change drops every entry of the old model.
     """
     entry = on_disk(name)
-    model = shared.sd_model
+    model = host.sd_model()
     _check_version(entry, model)
     mtime = os.path.getmtime(entry.filename)
     key = (name, entry.filename, mtime, id(model))
@@ -117,16 +113,16 @@ def on_device(deltas: dict[str, Delta], device: torch.device, dtype: torch.dtype
 
 
 def _check_version(entry: Any, model: Any) -> None:
-    version = getattr(getattr(entry, "sd_version", None), "name", "Unknown")
-    family = "SDXL" if model.is_sdxl else "SD2" if model.is_sd2 else "SD1"
+    version = host.lora_family(entry)
+    family = host.model_family(model)
     if version not in ("Unknown", family):
         raise CLoRARuntimeError(f"CLoRA: LoRA {entry.name!r} is made for {version}, but the loaded model is {family}")
 
 
 def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
-    unet_root = model.model.diffusion_model
+    unet_root = host.unet(model)
     try:
-        net = networks().load_network(name, entry)
+        net = host.load_network(name, entry)
     except Exception as e:  # the host's reader: safetensors errors, unknown module types, ...
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} cannot be read ({type(e).__name__}: {e}); is the file complete?") from None
     net.te_multiplier = net.unet_multiplier = 1.0  # our own object: multipliers go on the routes
@@ -135,7 +131,7 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
         names = {id(m): n for n, m in unet_root.named_modules()}
         for module in net.modules.values():
             target = module.sd_module
-            _check_fits(name, module, target)
+            _check_fits(name, module, target, model)
             if id(target) not in names:
                 lora.te_network = net  # a text-encoder module: the host applies it while encoding
                 continue
@@ -155,7 +151,7 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
     return lora
 
 
-def _check_fits(name: str, module: Any, target: nn.Module) -> None:
+def _check_fits(name: str, module: Any, target: nn.Module, model: Any) -> None:
     """Refuse a LoRA whose layer shapes do not fit the model (another model family).
 
     The host matches keys by name only (an SDXL LoRA's ``input_blocks_4`` keys exist in
@@ -187,7 +183,7 @@ def _check_fits(name: str, module: Any, target: nn.Module) -> None:
         except RuntimeError:
             fits = False
     if not fits:
-        family = "SDXL" if shared.sd_model.is_sdxl else "SD2" if shared.sd_model.is_sd2 else "SD1.x"
+        family = host.model_family(model)
         raise CLoRARuntimeError(
             f"CLoRA: LoRA {name!r} does not fit the loaded {family} model (layer {module.sd_key}{detail}); "
             "it is made for another model family"
@@ -241,13 +237,13 @@ def _cpu(delta: Delta) -> Delta:
 
 
 def _load_with_reader(lora: HostLoRA, entry: Any, model: Any) -> None:
-    if not model.is_sd1:
+    if host.model_family(model) != "SD1":
         raise CLoRARuntimeError(
             f"CLoRA: the host cannot read LoRA {lora.name!r}, and the fallback reader handles SD1.x files only"
         )
     try:
         weights = read_lora_file(entry.filename)
-        mapped = map_lora(weights, model.model.diffusion_model, text_encoder=model.cond_stage_model.wrapped.transformer)
+        mapped = map_lora(weights, host.unet(model), text_encoder=host.text_encoder(model))
     except LoRAFileError as e:
         raise CLoRARuntimeError(f"CLoRA: {e}") from None
     lora.unet = {k: _cpu(d) for k, d in mapped.unet.items()}
@@ -257,20 +253,19 @@ def _load_with_reader(lora: HostLoRA, entry: Any, model: Any) -> None:
 @contextlib.contextmanager
 def text_encoder_loras(uses: Sequence[tuple[HostLoRA, float]]) -> Iterator[None]:
     """Text-encoder parts of ``uses`` [(lora, te_weight)] active on top of the prompt's own LoRAs."""
-    loaded = networks().loaded_networks
-    saved = list(loaded)
     routes = [Route(lora.te_deltas, [0], weight, lora.name) for lora, weight in uses if lora.te_deltas]
     # batch_rows=1: the router repeats row 0's route over every row the encoder sees
-    router = RowRouter(shared.sd_model.cond_stage_model.wrapped.transformer) if routes else None
+    router = RowRouter(host.text_encoder(host.sd_model())) if routes else None
+    nets = [(lora.te_network, weight) for lora, weight in uses if lora.te_network is not None]
     try:
-        for lora, weight in uses:
-            if lora.te_network is not None:
-                lora.te_network.te_multiplier = weight
-                loaded.append(lora.te_network)
         if router is not None:
             router.set_routes(routes, 1)
-        yield
+        with host.text_encoder_networks(nets):
+            yield
     finally:
         if router is not None:
             router.remove()
-        loaded[:] = saved  # in place: the host holds this list
+
+
+def clear_cache() -> None:
+    _cache.clear()

@@ -207,6 +207,7 @@ def fused_step(
     k_diffusion: bool,
     allow_update: bool,
     on_group: Callable[[list[int], StepOutput], None] | None = None,
+    update_region: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One CLoRA step for the whole batch; returns the fused [cond rows; uncond rows].
 
@@ -216,6 +217,8 @@ def fused_step(
     are image b's token maps. Images with equal token maps share one engine step
     (one batched UNet call); a group that is not the whole batch is updated on a
     copy that is written back into ``x``, so ``x`` is always updated in place.
+    ``update_region`` (the host's inpaint mask: 1 where it repaints; one for the batch or
+    one per image) confines the latent update.
     """
     fused_cond = fused_uncond = None
     for group in group_images(maps):
@@ -226,7 +229,12 @@ def fused_step(
         row_model = HostRowModel(inner, rows, table, ids, sigma, image_cond)
         engine.token_maps = maps[group[0]]
         space = SigmaSpace(sigma.index_select(0, ids)) if k_diffusion else DDPMSpace()
-        out = engine.step(xg, step, total, space, row_model, allow_update=allow_update)
+        region = update_region
+        if region is not None:
+            region = region.to(x.device, torch.float32)
+            if region.dim() == 4 and region.shape[0] > 1:
+                region = region.index_select(0, ids)
+        out = engine.step(xg, step, total, space, row_model, allow_update=allow_update, update_region=region)
         engine.records[-1].batch_images = group
         if not whole:
             x[ids] = xg

@@ -1,7 +1,7 @@
 """Sampling-time hook: a CFGDenoiser.forward wrapper and a proxy for its inner model (host-facing).
 
-``install()`` wraps ``CFGDenoiser.forward`` once. Without an active CLoRA run for
-the denoiser's ``p`` the wrapper calls the original with the very same arguments.
+``install()`` wraps ``CFGDenoiser.forward`` once. Without an open CLoRA generation
+for the denoiser's ``p`` the wrapper calls the original with the very same arguments.
 With one, each call:
 
 1. runs ``CLoRAEngine.step`` on the sampler's own ``x``: every image is expanded
@@ -17,27 +17,31 @@ With one, each call:
 
 The fused rows are computed from the prompts and latent the host handed to the
 forward; a ``cfg_denoiser`` callback that edits ``x_in`` or the conds is not seen.
+In img2img the schedule counts the steps that run at the denoising strength (the
+host's ``total_steps``); in inpainting the latent update acts inside the inpaint
+mask only, and the host's own blend keeps the rest of the image.
+
+``Generations`` owns the lifecycle: ``begin`` (the script's ``process``) opens a
+generation, and it is closed in one place, ``Generations.close_any``, when the host
+closes ``p``. A pass (one batch's sampling) takes its hooks off the model when
+sampling raises, when the next pass starts, or when its generation closes. Every
+access to the host goes through ``host``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 import sys
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
-from fastapi.exceptions import HTTPException
-
-from modules import patches, sd_samplers, sd_samplers_cfg_denoiser, sd_samplers_common, sd_samplers_kdiffusion, shared
-from modules.shared import state
 
 from ..conditioning import ConditioningTable
 from ..engine import CLoRAEngine, EngineHooks, LoRAUse, update_summary
 from ..update import schedule_notes
-from . import encoding, infotext, lora_bridge, samplers
-from .params import CLoRAArgs, CLoRAArgsError
+from . import encoding, host, infotext, lora_bridge, samplers
+from .params import CLoRAArgs, CLoRAArgsError, parse_args
 from .plan import (
     CLoRARuntimeError,
     FusedProxy,
@@ -49,11 +53,10 @@ from .plan import (
     token_map_schedule,
 )
 from .previews import PreviewStore
+from .settings import settings_defaults
 
-_active: "Run | None" = None
 
-
-class RequestRefused(HTTPException):
+class RequestRefused(host.RefusalBase):
     """A request CLoRA cannot run, as the host's API answers it: 422 with the message.
 
     An HTTPException, because the host prints a full backtrace in its console for any
@@ -77,79 +80,115 @@ def refused(error: Exception) -> Exception:
 
 
 def install() -> None:
-    """Wrap CFGDenoiser.forward (idempotent)."""
-    cls = sd_samplers_cfg_denoiser.CFGDenoiser
-    if getattr(cls.forward, "__clora__", False):
-        return
-    original = cls.forward
+    """Wrap CFGDenoiser.forward (idempotent): a denoiser whose ``p`` has no open generation runs
+    the host's forward with the very same arguments."""
 
-    @functools.wraps(original)
-    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
-        run = _active
-        if run is None or run.p is not getattr(self, "p", None):
-            return original(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
-        return run.forward(original, self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+            generation = generations.serving(host.denoiser_p(self))
+            if generation is None:
+                return original(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
+            return generation.forward(original, self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
 
-    forward.__clora__ = True
-    patches.patch(__name__, cls, "forward", forward)
+        return forward
+
+    host.wrap_denoiser_forward(make, __name__)
 
 
 def check_host() -> None:
     """Refuse host setups whose UNet is not the ldm/sgm module CLoRA hooks into."""
-    if importlib.util.find_spec("modules_forge") is not None:
-        raise CLoRARuntimeError("CLoRA: the Forge backend is not supported; CLoRA runs on AUTOMATIC1111 1.x")
-    from modules import sd_unet  # a replaced UNet (TensorRT, ...) never runs our layers
-
-    if sd_unet.current_unet is not None:
-        label = getattr(getattr(sd_unet.current_unet, "option", None), "label", "another UNet")
+    if host.forge_backend():
+        raise CLoRARuntimeError("CLoRA: the Forge backend is not supported; CLoRA runs on AUTOMATIC1111 1.8.0 to 1.10.1")
+    label = host.replaced_unet_label()  # a replaced UNet (TensorRT, ...) never runs our layers
+    if label is not None:
         raise CLoRARuntimeError(
             f"CLoRA: the UNet is replaced by {label!r} (e.g. TensorRT); set Settings > SD UNet to None to use CLoRA"
         )
 
 
-def start(p: Any, args: CLoRAArgs | None, error: Exception | None = None) -> "Run":
-    """Make ``p`` a CLoRA generation; a pending ``error`` fails it at its first model call."""
-    global _active
-    reset()
-    _active = Run(p, args, error)
-    _finish_on_close(p)
-    return _active
+def begin(p: Any, args: Sequence[Any]) -> None:
+    """The script's ``process``: parse the request and open its generation.
+
+    Errors in the arguments cannot be raised here (the host logs and swallows script
+    exceptions in ``process``): a generation opened with the error fails at its first
+    model call, which fails the request (HTTP 422 through the API), so a request that
+    asks for CLoRA is never run without it.
+    """
+    generations.close_any()  # what a run that never closed its p left open (X/Y/Z plot's copies)
+    try:
+        parsed = parse_args(args, settings_defaults())
+    except CLoRAArgsError as e:
+        if _wants_clora(args):
+            generations.open(p, None, e)
+        return
+    if not parsed.enabled:
+        return
+    if not parsed.concepts:
+        print("CLoRA: enabled without any concept row (subject + LoRA); nothing to do")
+        return
+    try:
+        check_host()
+        if not (host.is_txt2img(p) or host.is_img2img(p)):
+            raise CLoRARuntimeError(f"CLoRA: {type(p).__name__} is neither txt2img nor img2img; CLoRA runs in those two")
+        for concept in parsed.concepts:
+            lora_bridge.on_disk(concept.lora)  # fail early, naming a LoRA that is missing
+    except CLoRARuntimeError as e:
+        generations.open(p, None, e)
+        return
+    host.set_generation_param(p, infotext.KEY, infotext.dump(parsed))
+    generations.open(p, parsed)
 
 
-def _finish_on_close(p: Any) -> None:
-    """The host closes ``p`` even when sampling raised (``with closing(p)``): end the run there too."""
-    close = p.close
-
-    def close_and_finish() -> None:
-        try:
-            finish(p)
-        finally:
-            close()
-
-    p.close = close_and_finish
+def previews_of(p: Any) -> list:
+    """The script's ``postprocess``: the gallery previews of ``p``'s generation (none when off)."""
+    generation = generations.serving(p)
+    if generation is None or generation.args is None or not generation.args.previews:
+        return []
+    return generation.previews.images()
 
 
-def finish(p: Any) -> "Run | None":
-    """End the run of ``p`` (if any) and return it."""
-    global _active
-    run = _active
-    if run is None or run.p is not p:
-        return None
-    run.close()
-    _active = None
-    return run
+def _wants_clora(args: Sequence[Any]) -> bool:
+    if not args:
+        return False
+    first = args[0]
+    return bool(first.get("enabled", True)) if isinstance(first, dict) else bool(first)
 
 
-def reset() -> None:
-    """Close whatever a failed generation left behind (idempotent)."""
-    global _active
-    if _active is not None:
-        _active.close()
-    _active = None
+class Generations:
+    """The owner of CLoRA generations: at most one is open, opened by ``open`` and closed
+    only by ``close_any``, when the host closes its ``p`` (after success or failure) or when
+    the next generation starts."""
+
+    def __init__(self) -> None:
+        self._open: Generation | None = None
+
+    def open(self, p: Any, args: CLoRAArgs | None, error: Exception | None = None) -> "Generation":
+        self.close_any()
+        generation = Generation(p, args, error)
+        self._open = generation
+        host.on_close(p, lambda: self.close_any(p))
+        return generation
+
+    def serving(self, p: Any) -> "Generation | None":
+        """The open generation of ``p``, if any."""
+        generation = self._open
+        return generation if generation is not None and p is not None and generation.p is p else None
+
+    def close_any(self, p: Any = None) -> None:
+        """Close the open generation (only ``p``'s when given); idempotent."""
+        generation = self._open
+        if generation is None or (p is not None and generation.p is not p):
+            return
+        self._open = None
+        generation.close()
 
 
-class Run:
-    """One CLoRA generation (all batches, both passes)."""
+generations = Generations()
+
+
+class Generation:
+    """One CLoRA generation (all batches, both passes): its notes, previews and current pass."""
 
     def __init__(self, p: Any, args: CLoRAArgs | None, error: Exception | None):
         self.p = p
@@ -166,36 +205,27 @@ class Run:
             return
         self.notes.append(message)
         print(f"CLoRA: {message}")
-        self.p.extra_generation_params[infotext.KEY] = infotext.dump(self.args, self.notes)
+        host.set_generation_param(self.p, infotext.KEY, infotext.dump(self.args, self.notes))
 
     def forward(self, original, denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         if self.error is not None:
             raise refused(self.error)
-        if state.interrupted or state.skipped:  # the host's forward raises InterruptedException
+        if host.interrupted():  # the host's forward raises InterruptedException
             return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
         try:
             if self._pass is None or not self._pass.serves(denoiser):
                 self._close_pass()
                 self._pass = Pass(self, denoiser, cond)
             fused = self._pass.step(denoiser, x, sigma, image_cond)
+            proxy = FusedProxy(host.inner_model(denoiser), fused, self._pass.rows)
+            with host.inner_model_replaced(denoiser, proxy):
+                return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
         except (CLoRARuntimeError, CLoRAArgsError) as e:
             self._close_pass()
             raise refused(e) from None
-        except BaseException:
-            self._close_pass()
-            raise
-        inner = denoiser.inner_model
-        proxy = FusedProxy(inner, fused, self._pass.rows)
-        denoiser.model_wrap = proxy
-        try:
-            return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
         except BaseException:  # sampling ends here: take the hooks off the model now
             self._close_pass()
             raise
-        finally:
-            # the SDXL refiner switch replaces the wrapper inside the host's forward: keep the host's
-            if denoiser.model_wrap is proxy:
-                denoiser.model_wrap = inner
 
     def _close_pass(self) -> None:
         if self._pass is not None:
@@ -209,24 +239,26 @@ class Run:
 class Pass:
     """One sampling pass (one batch, first pass or hires): its variants, conds, token maps and engine."""
 
-    def __init__(self, run: Run, denoiser: Any, cond: Any):
-        p = run.p
-        self.run = run
+    def __init__(self, generation: Generation, denoiser: Any, cond: Any):
+        p = generation.p
+        self.generation = generation
         self.denoiser = denoiser
-        self.model = shared.sd_model
-        self.hires = bool(getattr(p, "is_hr_pass", False))
-        if self.model.model.conditioning_key == "crossattn-adm":
+        self.model = host.sd_model()
+        facts = host.pass_facts(p)
+        self.hires = facts.hires
+        if host.is_unclip(self.model):
             raise CLoRARuntimeError("CLoRA does not support unCLIP checkpoints")
+        if host.is_edit_model(self.model):
+            raise CLoRARuntimeError("CLoRA does not support instruct-pix2pix (edit) checkpoints")
         check_single_conds([len(c) for c in cond.batch])
-        args = run.args
+        args = generation.args
         composition = args.composition()
-        prompts, negatives = (p.hr_prompts, p.hr_negative_prompts) if self.hires else (p.prompts, p.negative_prompts)
         try:
-            self.plan = plan_variants(composition, prompts, negatives)
+            self.plan = plan_variants(composition, facts.prompts, facts.negatives)
         except ValueError as e:
             raise CLoRARuntimeError(f"CLoRA: {e}") from None
         self.loras = {c.lora: lora_bridge.load(c.lora) for c in args.concepts}
-        schedule = self._schedule(p)
+        schedule = encoding.Schedule(facts.steps, facts.hires_steps, facts.width, facts.height)
         self.conds = encoding.encode(self.plan, self.loras, schedule)
         self.cond_ends = [[int(c.end_at_step) for c in conds] for conds in self.conds]
         tokenizer = encoding.host_tokenizer()
@@ -234,56 +266,35 @@ class Pass:
         for variants in self.plan.variants:
             schedules = schedule.prompt_schedules([v.prompt for v in variants])
             self.token_maps.append(token_map_schedule(composition, variants, tokenizer, schedules))
-        images, n_variants = len(prompts), self.plan.n_variants
-        self.rows = ProxyRows(images, n_variants)
-        self.empty = self.model.cond_stage_model_empty_prompt
-        # k-diffusion samplers (LCM's included) hand the model x_t / sqrt(abar); the timestep ones x_t
-        self.k_diffusion = isinstance(denoiser.sampler, sd_samplers_kdiffusion.KDiffusionSampler)
-        sampler = samplers.support(self._func_name(denoiser))
+        self.rows = ProxyRows(len(facts.prompts), self.plan.n_variants)
+        self.sigma_space = host.sigma_space(denoiser)
+        sampler = samplers.support(host.sampler_function(denoiser))
         self.updates = not self.hires and sampler.updates
         if self.hires:
-            run.note("hires pass: masks and routing only, no latent updates")
+            generation.note("hires pass: masks and routing only, no latent updates")
         elif not self.updates:
-            run.note(f"sampler {p.sampler_name!r} {sampler.reason}: masks and fusion only, no latent updates")
+            generation.note(f"sampler {facts.sampler_name!r} {sampler.reason}: masks and fusion only, no latent updates")
         else:
-            steps = denoiser.total_steps
+            steps = host.denoiser_total_steps(denoiser)
             calls = steps - 1 if sampler.one_step_fewer else None
             for message in schedule_notes(args.engine_settings().schedule, steps, calls, len(composition.content)):
-                run.note(message)
+                generation.note(message)
+        unet = host.unet(self.model)
         # this pass's device copies of the cached (CPU) deltas: gone with the pass
-        param = next(self.model.model.diffusion_model.parameters())
+        param = next(unet.parameters())
         unet_deltas = {name: lora_bridge.on_device(lora.unet, param.device, param.dtype) for name, lora in self.loras.items()}
         variant_loras = [
             [LoRAUse(name, unet_deltas[name], weight) for name, weight in lora_set] for lora_set in self.plan.unet_loras
         ]
-        hooks = EngineHooks(on_refine=self._on_refine, interrupted=_interrupted, warn=run.note)
-        self.engine = CLoRAEngine(
-            self.model.model.diffusion_model, variant_loras, self.token_maps[0][0][1], args.engine_settings(), hooks
-        )
+        hooks = EngineHooks(on_refine=_on_refine, interrupted=host.interrupted, warn=generation.note)
+        self.engine = CLoRAEngine(unet, variant_loras, self.token_maps[0][0][1], args.engine_settings(), hooks)
         self.engine.__enter__()
         # Interrupt/Skip stop a (gradient) UNet pass between blocks, not only between passes
-        unet = self.model.model.diffusion_model
         blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
         self._stops = [block.register_forward_pre_hook(_stop_if_interrupted) for block in blocks]
 
-    def _schedule(self, p: Any) -> encoding.Schedule:
-        if self.hires:
-            config = sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
-            steps = p.hr_second_pass_steps or p.steps
-            hires_steps = config.total_steps(steps) if config else steps
-            return encoding.Schedule(p.firstpass_steps, hires_steps, p.hr_upscale_to_x, p.hr_upscale_to_y)
-        return encoding.Schedule(p.firstpass_steps, None, p.width, p.height)
-
-    @staticmethod
-    def _func_name(denoiser: Any) -> str | None:
-        func = getattr(denoiser.sampler, "funcname", None)
-        return getattr(func, "__name__", func)
-
     def serves(self, denoiser: Any) -> bool:
-        return denoiser is self.denoiser and shared.sd_model is self.model
-
-    def _on_refine(self, i: int, n: int) -> None:
-        state.textinfo = f"CLoRA refine {i}/{n}"
+        return denoiser is self.denoiser and host.sd_model() is self.model
 
     def _cond_table(self, step: int) -> ConditioningTable:
         """Conds of every (uncond, variant, image) row at ``step``, stacked in ProxyRows.table_index order."""
@@ -295,25 +306,24 @@ class Pass:
                     j = jobs[image][v]
                     rows.append(self.conds[j][pick_segment(self.cond_ends[j], step)].cond)
         # the host runs cond and uncond at their own lengths unless told to pad them
-        pad = shared.opts.pad_cond_uncond or getattr(shared.opts, "pad_cond_uncond_v0", False)
-        return ConditioningTable(rows, self.empty if pad else None)
+        return ConditioningTable(rows, host.empty_prompt_cond(self.model) if host.pads_cond_uncond() else None)
 
     def step(self, denoiser: Any, x: torch.Tensor, sigma: torch.Tensor, image_cond: torch.Tensor) -> torch.Tensor:
-        step = denoiser.step
+        step = host.denoiser_step(denoiser)
         maps = [segments[pick_segment([e for e, _ in segments], step)][1] for segments in self.token_maps]
-        previews = not self.hires and self.run.args.previews
+        generation = self.generation
+        previews = not self.hires and generation.args.previews
+        iteration = host.batch_iteration(generation.p)
 
         def on_group(group: list[int], out: Any) -> None:
-            self.run.previews.record(self.run.p.iteration, group, out, maps[group[0]], self.plan)
+            generation.previews.record(iteration, group, out, maps[group[0]], self.plan)
 
-        textinfo = state.textinfo
-        try:
+        with host.progress_text_kept():
             return fused_step(
-                self.engine, denoiser.inner_model, self.rows, x, sigma, image_cond, self._cond_table(step), maps,
-                step, denoiser.total_steps, self.k_diffusion, self.updates, on_group if previews else None,
+                self.engine, host.inner_model(denoiser), self.rows, x, sigma, image_cond, self._cond_table(step), maps,
+                step, host.denoiser_total_steps(denoiser), self.sigma_space, self.updates,
+                on_group if previews else None, update_region=host.inpaint_region(denoiser),
             )
-        finally:
-            state.textinfo = textinfo
 
     def close(self) -> None:
         self.engine.close()
@@ -341,10 +351,10 @@ def _return_freed_memory() -> None:
             pass
 
 
-def _interrupted() -> bool:
-    return bool(state.interrupted or state.skipped)
+def _on_refine(i: int, n: int) -> None:
+    host.set_progress_text(f"CLoRA refine {i}/{n}")
 
 
 def _stop_if_interrupted(module: Any, args: Any) -> None:
-    if _interrupted():
-        raise sd_samplers_common.InterruptedException
+    if host.interrupted():
+        host.raise_interrupted()

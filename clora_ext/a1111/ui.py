@@ -1,4 +1,4 @@
-"""The txt2img accordion and the Settings section, built from the parameter model (host-facing)."""
+"""The txt2img and img2img accordion and the Settings section, built from the parameter model (host-facing)."""
 
 from __future__ import annotations
 
@@ -6,27 +6,13 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from modules import shared
-from modules.ui_components import FormRow, InputAccordion, ToolButton
-
 from ..concepts import MAX_CONCEPTS, Role
 from ..masks import Morphology
-from . import lora_bridge
+from . import host, lora_bridge
 from .params import NO_LORA, ROW_FIELDS, SETTING_FIELDS, VERSION, CLoRAArgs, ConceptArgs, ui_value
+from .settings import CATEGORY, SECTION, option_key, settings_defaults
 
-SECTION = ("clora", "CLoRA")
-SETTINGS_CATEGORY = "sd"  # 1.10 groups Settings by category; CLoRA sits beside Extra Networks
 VISIBLE_ROWS = 2
-
-
-def option_key(name: str) -> str:
-    return f"clora_{name}"
-
-
-def settings_defaults() -> dict[str, Any]:
-    """The Settings tab's defaults for the advanced parameters, as UI values."""
-    fields = CLoRAArgs.__fields__
-    return {name: getattr(shared.opts, option_key(name), ui_value(name, fields[name].get_default())) for name in SETTING_FIELDS}
 
 
 def _component(name: str, value: Any, **kwargs: Any) -> gr.components.Component:
@@ -56,60 +42,57 @@ def _slider_step(field: Any) -> float:
     return 0.05 if info.le - info.ge <= 10 else 0.5
 
 
-def build_img2img() -> list:
-    """A note, and one hidden input: the host's img2img API passes a script only as many
-    arguments as it has inputs, and a request that asks for CLoRA must reach the script to
-    be refused rather than run without it."""
-    with gr.Accordion("CLoRA", open=False, elem_id="clora-img2img"):
-        gr.HTML("<p class='clora-note'>CLoRA works in txt2img only.</p>")
-        requested = gr.Checkbox(value=False, visible=False, elem_id="clora-img2img-requested")
-    return [requested]
+def build(is_img2img: bool) -> list:
+    """All inputs in the model's positional order: enabled, 8 rows, advanced settings. The same
+    accordion in txt2img and img2img; element ids carry the tab (``clora-img2img-...``)."""
+    components = host.ui_components()
+    tab = "img2img" if is_img2img else "txt2img"
 
+    def elem(name: str) -> str:
+        return f"clora-{tab}-{name}"
 
-def build_txt2img() -> tuple[list, InputAccordion]:
-    """All inputs in the model's positional order: enabled, 8 rows, advanced settings."""
     defaults = settings_defaults()
     names = [NO_LORA, *lora_bridge.lora_names()]
     row_defaults = ConceptArgs.__fields__
     inputs: list = []
     dropdowns: list[gr.Dropdown] = []
-    buttons: list[ToolButton] = []
-    with InputAccordion(False, label="CLoRA", elem_id="clora") as enabled:
+    buttons: list = []
+    with components.InputAccordion(False, label="CLoRA", elem_id=f"clora-{tab}") as enabled:
         with enabled.extra():
             gr.HTML(f"<span class='clora-version'>v{VERSION}</span>")
         inputs.append(enabled)
-        gr.HTML(
-            "<p class='clora-note'>Map subjects of the prompt to LoRAs; each content LoRA acts only where "
-            "its subject is.</p>"
-        )
+        note = "Map subjects of the prompt to LoRAs; each content LoRA acts only where its subject is."
+        if is_img2img:
+            note += " In inpainting, only inside the mask."
+        gr.HTML(f"<p class='clora-note'>{note}</p>")
         more = None
         for i in range(MAX_CONCEPTS):
             if i == VISIBLE_ROWS:
-                more = gr.Accordion(f"Concepts {VISIBLE_ROWS + 1}-{MAX_CONCEPTS}", open=False, elem_id="clora-more")
+                more = gr.Accordion(f"Concepts {VISIBLE_ROWS + 1}-{MAX_CONCEPTS}", open=False, elem_id=elem("more"))
                 more.__enter__()
-            with FormRow(elem_id=f"clora-row-{i}", elem_classes=["clora-row"]):
+            with components.FormRow(elem_id=elem(f"row-{i}"), elem_classes=["clora-row"]):
                 row = {}
                 for name in ROW_FIELDS:
                     default = NO_LORA if name == "lora" else ui_value(name, row_defaults[name].get_default())
-                    elem_id = f"clora-{name}-{i}"
                     if name == "lora":
                         row[name] = gr.Dropdown(
-                            label="LoRA", choices=names, value=default, elem_id=elem_id, allow_custom_value=True
+                            label="LoRA", choices=names, value=default, elem_id=elem(f"lora-{i}"), allow_custom_value=True
                         )
-                        buttons.append(ToolButton(value="\U0001f504", elem_id=f"clora-refresh-{i}", tooltip="Refresh LoRAs"))
+                        buttons.append(components.ToolButton(value="\U0001f504", elem_id=elem(f"refresh-{i}"),
+                                                             tooltip="Refresh LoRAs"))
                         dropdowns.append(row[name])
                     else:
-                        row[name] = _component(name, default, elem_id=elem_id)
+                        row[name] = _component(name, default, elem_id=elem(f"{name}-{i}"))
                 row["lora"].input(fn=lora_bridge.activation_text, inputs=[row["lora"]], outputs=[row["trigger"]], show_progress=False)
                 inputs.extend(row[name] for name in ROW_FIELDS)
         if more is not None:
             more.__exit__(None, None, None)
-        with gr.Accordion("Advanced", open=False, elem_id="clora-advanced"):
+        with gr.Accordion("Advanced", open=False, elem_id=elem("advanced")):
             for name in SETTING_FIELDS:
-                inputs.append(_component(name, defaults[name], elem_id=f"clora-{name}"))
+                inputs.append(_component(name, defaults[name], elem_id=elem(name)))
     for button in buttons:
         button.click(fn=_refresh(len(dropdowns)), inputs=[], outputs=dropdowns, show_progress=False)
-    return inputs, enabled
+    return inputs
 
 
 def _refresh(count: int) -> Callable[[], list]:
@@ -136,8 +119,4 @@ def register_settings() -> None:
             component, args = gr.Slider, {"minimum": info.ge, "maximum": info.le, "step": _slider_step(field)}
         else:
             component, args = gr.Textbox, {}
-        shared.opts.add_option(
-            option_key(name),
-            shared.OptionInfo(default, f"CLoRA default: {info.title}", component, args, section=SECTION,
-                              category_id=SETTINGS_CATEGORY),
-        )
+        host.add_setting(option_key(name), default, f"CLoRA default: {info.title}", component, args, SECTION, CATEGORY)

@@ -1,0 +1,363 @@
+"""Every access to AUTOMATIC1111's internals, in one module (the host seam).
+
+The rest of the glue never imports the host's ``modules``, the Lora extension's
+``networks`` or fastapi: it asks this module. What differs between the supported
+versions (1.8.0 to 1.10.1) is decided here, so a host change is one edit here, and
+CI drives the glue through a fake host (tests/host/) that stands in for these
+imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from fastapi.exceptions import HTTPException
+
+from modules import (
+    devices,
+    extra_networks,
+    patches,
+    processing,
+    prompt_parser,
+    sd_samplers,
+    sd_samplers_cfg_denoiser,
+    sd_samplers_common,
+    sd_samplers_kdiffusion,
+    shared,
+)
+
+RefusalBase = HTTPException  # the API answers these with their status code, without a backtrace
+
+
+# -- model and options ---------------------------------------------------------------------------
+
+
+def sd_model() -> Any:
+    return shared.sd_model
+
+
+def option(name: str, default: Any = None) -> Any:
+    """A host option (``shared.opts``), or ``default`` where this version has none."""
+    return getattr(shared.opts, name, default)
+
+
+def model_family(model: Any) -> str:
+    return "SDXL" if model.is_sdxl else "SD2" if model.is_sd2 else "SD1"
+
+
+def unet(model: Any) -> torch.nn.Module:
+    return model.model.diffusion_model
+
+
+def is_unclip(model: Any) -> bool:
+    return model.model.conditioning_key == "crossattn-adm"
+
+
+def is_edit_model(model: Any) -> bool:
+    """instruct-pix2pix checkpoints: three rows per image and their own CFG."""
+    return getattr(model, "cond_stage_key", None) == "edit"
+
+
+def text_encoder(model: Any) -> torch.nn.Module:
+    """The SD1.x CLIP text transformer (the fallback reader routes its deltas there)."""
+    return model.cond_stage_model.wrapped.transformer
+
+
+def prompt_chunker(model: Any) -> Any:
+    """The host's prompt chunker (tokenize_line, id_start, id_end): SD1/2's or SDXL's first encoder."""
+    return model.conditioner.embedders[0] if model.is_sdxl else model.cond_stage_model
+
+
+def empty_prompt_cond(model: Any) -> torch.Tensor:
+    """The host's encoding of the empty prompt, used to pad conds to a common length."""
+    return model.cond_stage_model_empty_prompt
+
+
+def pads_cond_uncond() -> bool:
+    """Whether the host pads cond and uncond to one length (1.10 has two such options)."""
+    return bool(option("pad_cond_uncond", False) or option("pad_cond_uncond_v0", False))
+
+
+def encoding_options(model: Any) -> tuple:
+    """What changes an encoding besides its text: the model and the options the host's cond cache keys on."""
+    return (
+        id(model),
+        model.sd_checkpoint_info,
+        option("CLIP_stop_at_last_layers"),
+        option("emphasis"),  # 1.8.0+
+        option("sdxl_crop_left"),
+        option("sdxl_crop_top"),
+        option("comma_padding_backtrack"),
+    )
+
+
+def add_setting(key: str, default: Any, label: str, component: Any, args: dict, section: tuple, category: str) -> None:
+    # category: 1.10's Settings group sections by it (1.8 accepts it and shows no groups)
+    shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=section, category_id=category))
+
+
+# -- host version and neighbours ---------------------------------------------------------------
+
+
+def forge_backend() -> bool:
+    return importlib.util.find_spec("modules_forge") is not None
+
+
+def replaced_unet_label() -> str | None:
+    """The label of a UNet that replaces the model's (TensorRT, ...), or None."""
+    from modules import sd_unet
+
+    current = sd_unet.current_unet
+    if current is None:
+        return None
+    return str(getattr(getattr(current, "option", None), "label", "another UNet"))
+
+
+# -- processing objects ------------------------------------------------------------------------
+
+
+def is_txt2img(p: Any) -> bool:
+    return isinstance(p, processing.StableDiffusionProcessingTxt2Img)
+
+
+def is_img2img(p: Any) -> bool:
+    return isinstance(p, processing.StableDiffusionProcessingImg2Img)
+
+
+@dataclass(frozen=True)
+class PassFacts:
+    """What one sampling pass of ``p`` is: its prompts and how the host schedules them."""
+
+    hires: bool
+    prompts: list[str]
+    negatives: list[str]
+    sampler_name: str
+    steps: int  # the schedule's step count for prompt editing (the first pass's)
+    hires_steps: int | None
+    width: int
+    height: int
+
+
+def pass_facts(p: Any) -> PassFacts:
+    hires = bool(getattr(p, "is_hr_pass", False))
+    if hires:
+        config = sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
+        steps = p.hr_second_pass_steps or p.steps
+        hires_steps = config.total_steps(steps) if config else steps
+        return PassFacts(True, list(p.hr_prompts), list(p.hr_negative_prompts), p.hr_sampler_name or p.sampler_name,
+                         p.firstpass_steps, hires_steps, p.hr_upscale_to_x, p.hr_upscale_to_y)
+    return PassFacts(False, list(p.prompts), list(p.negative_prompts), p.sampler_name, p.firstpass_steps, None,
+                     p.width, p.height)
+
+
+def batch_iteration(p: Any) -> int:
+    return int(p.iteration)
+
+
+def set_generation_param(p: Any, key: str, value: str) -> None:
+    p.extra_generation_params[key] = value
+
+
+def on_close(p: Any, callback: Callable[[], None]) -> None:
+    """Call ``callback`` when the host closes ``p``: it always does, after success or failure
+    (``with closing(p)`` around every txt2img/img2img run, UI and API)."""
+    close = p.close
+
+    def close_with_callback() -> None:
+        try:
+            callback()
+        finally:
+            close()
+
+    p.close = close_with_callback
+
+
+# -- the CFG denoiser ------------------------------------------------------------------------
+
+
+def wrap_denoiser_forward(make: Callable[[Callable], Callable], owner: str) -> None:
+    """Replace CFGDenoiser.forward by ``make(original)``, once (the host's patch registry)."""
+    cls = sd_samplers_cfg_denoiser.CFGDenoiser
+    if getattr(cls.forward, "__clora__", False):
+        return
+    wrapper = make(cls.forward)
+    wrapper.__clora__ = True
+    patches.patch(owner, cls, "forward", wrapper)
+
+
+def denoiser_p(denoiser: Any) -> Any:
+    return getattr(denoiser, "p", None)
+
+
+def denoiser_step(denoiser: Any) -> int:
+    """The model step the denoiser is at (0-based, counted by the host's forward)."""
+    return int(denoiser.step)
+
+
+def denoiser_total_steps(denoiser: Any) -> int:
+    """The model calls the sampler is expected to make in this pass: the steps that actually run
+    (in img2img, those left at the denoising strength)."""
+    return int(denoiser.total_steps)
+
+
+def inner_model(denoiser: Any) -> Any:
+    return denoiser.inner_model
+
+
+@contextlib.contextmanager
+def inner_model_replaced(denoiser: Any, proxy: Any) -> Iterator[None]:
+    """``proxy`` stands in for the denoiser's inner model during one host forward. The SDXL
+    refiner switch replaces the wrapper inside that forward: then the host's stays."""
+    inner = denoiser.inner_model
+    denoiser.model_wrap = proxy
+    try:
+        yield
+    finally:
+        if denoiser.model_wrap is proxy:
+            denoiser.model_wrap = inner
+
+
+def sigma_space(denoiser: Any) -> bool:
+    """k-diffusion samplers (LCM's included) hand the model x_t / sqrt(abar); the timestep ones x_t."""
+    return isinstance(denoiser.sampler, sd_samplers_kdiffusion.KDiffusionSampler)
+
+
+def sampler_function(denoiser: Any) -> str | None:
+    func = getattr(denoiser.sampler, "funcname", None)
+    return getattr(func, "__name__", func)
+
+
+def inpaint_region(denoiser: Any) -> torch.Tensor | None:
+    """Where the host repaints (1) and keeps the original (0), latent-sized, or None outside inpainting."""
+    return getattr(denoiser, "nmask", None) if getattr(denoiser, "mask", None) is not None else None
+
+
+# -- state: interrupt, progress ---------------------------------------------------------------
+
+
+def interrupted() -> bool:
+    return bool(shared.state.interrupted or shared.state.skipped)
+
+
+def raise_interrupted() -> None:
+    raise sd_samplers_common.InterruptedException
+
+
+def set_progress_text(text: str) -> None:
+    shared.state.textinfo = text
+
+
+@contextlib.contextmanager
+def progress_text_kept() -> Iterator[None]:
+    text = shared.state.textinfo
+    try:
+        yield
+    finally:
+        shared.state.textinfo = text
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+
+def prompt_schedules(texts: list[str], steps: int, hires_steps: int | None) -> list[list[tuple[int, str]]]:
+    """[(end_at_step, text)] per text, by the host's prompt-editing rules."""
+    raw = prompt_parser.get_learned_conditioning_prompt_schedules(texts, steps, hires_steps, _old_scheduling())
+    return [[(int(end), text) for end, text in schedule] for schedule in raw]
+
+
+def learned_conditioning(texts: list[str], negative: bool, steps: int, hires_steps: int | None,
+                         width: int, height: int) -> list[list[Any]]:
+    """[ScheduledPromptConditioning] per text, encoded by the host with the active text-encoder LoRAs."""
+    conditioning = prompt_parser.SdConditioning(texts, is_negative_prompt=negative, width=width, height=height)
+    with devices.autocast():
+        return prompt_parser.get_learned_conditioning(shared.sd_model, conditioning, steps, hires_steps,
+                                                      _old_scheduling())
+
+
+def scheduling_options() -> tuple:
+    return (_old_scheduling(),)
+
+
+def _old_scheduling() -> bool:
+    return bool(option("use_old_scheduling", False))
+
+
+# -- the built-in Lora extension ------------------------------------------------------------------
+
+
+class LoraExtensionMissing(RuntimeError):
+    pass
+
+
+def networks() -> Any:
+    """The built-in Lora extension's ``networks`` module (loaded by the host with that extension)."""
+    try:
+        return importlib.import_module("networks")
+    except ImportError:
+        raise LoraExtensionMissing("CLoRA needs the built-in Lora extension, which is disabled") from None
+
+
+def lora_names() -> list[str]:
+    return sorted(networks().available_networks, key=str.lower)
+
+
+def refresh_loras() -> None:
+    networks().list_available_networks()
+
+
+def find_lora(name: str) -> Any:
+    """The host's entry (``NetworkOnDisk``) for ``name`` or its alias, listing the folder again once; or None."""
+    nets = networks()
+    found = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
+    if found is None:
+        nets.list_available_networks()
+        found = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
+    return found
+
+
+def lora_family(entry: Any) -> str:
+    """"SD1", "SD2", "SDXL" or "Unknown", as the host read the file's metadata."""
+    return getattr(getattr(entry, "sd_version", None), "name", "Unknown")
+
+
+def user_metadata(filename: str) -> dict:
+    return extra_networks.get_user_metadata(filename)
+
+
+def load_network(name: str, entry: Any) -> Any:
+    """A Network parsed by the host's own loader, never put in the host's cache."""
+    return networks().load_network(name, entry)
+
+
+def prompt_loras() -> tuple:
+    """The LoRAs the prompt itself loaded (<lora:...> tags): they change every encoding."""
+    return tuple((n.name, n.te_multiplier, getattr(n, "mtime", None)) for n in networks().loaded_networks)
+
+
+@contextlib.contextmanager
+def text_encoder_networks(nets: list[tuple[Any, float]]) -> Iterator[None]:
+    """Host Networks [(network, te_multiplier)] active on the text encoder, on top of the prompt's own."""
+    loaded = networks().loaded_networks
+    saved = list(loaded)
+    try:
+        for net, weight in nets:
+            net.te_multiplier = weight
+            loaded.append(net)
+        yield
+    finally:
+        loaded[:] = saved  # in place: the host holds this list
+
+
+# -- UI ----------------------------------------------------------------------------------------
+
+
+def ui_components() -> Any:
+    """The host's Gradio helpers (FormRow, InputAccordion, ToolButton)."""
+    from modules import ui_components
+
+    return ui_components
