@@ -118,6 +118,55 @@ def replaced_unet_label() -> str | None:
     return str(getattr(getattr(current, "option", None), "label", "another UNet"))
 
 
+# -- sd-webui-controlnet (Mikubill), when installed ----------------------------------------------
+
+CONTROLNET_MARK = 1024.0  # ControlNet prepends a token of +-1024 to the prompts it hooks (cond/uncond)
+
+
+def controlnet_units_enabled(p: Any) -> list[int]:
+    """Indices of the ControlNet units enabled for ``p`` (its script's args); [] without ControlNet."""
+    runner = getattr(p, "scripts", None)
+    args = getattr(p, "script_args", None) or ()
+    for script in getattr(runner, "alwayson_scripts", ()):
+        try:
+            if script.title().lower() != "controlnet":
+                continue
+        except Exception:  # another extension's title() failing is not ours to report
+            continue
+        units = args[script.args_from:script.args_to]
+        return [i for i, unit in enumerate(units)
+                if (unit.get("enabled", False) if isinstance(unit, dict) else getattr(unit, "enabled", False))]
+    return []
+
+
+def controlnet_marked(cond: Any) -> bool:
+    """Whether ControlNet marked this conditioning (a MulticondLearnedConditioning, a list of
+    schedules or a tensor): it hooked this sampling pass."""
+    try:
+        tensor = cond.batch[0][0].schedules[0].cond if hasattr(cond, "batch") else cond
+        if isinstance(tensor, list):
+            tensor = tensor[0][0].cond
+    except (AttributeError, IndexError, TypeError):
+        return False
+    if isinstance(tensor, dict):
+        tensor = tensor.get("crossattn")
+    if not torch.is_tensor(tensor) or tensor.ndim < 2:
+        return False
+    return bool(((tensor[..., 0, :].float().abs() - CONTROLNET_MARK).abs().mean() < 1e-3).item())
+
+
+def forget_cached_conds(p: Any) -> None:
+    """Drop the host's prompt cache when ControlNet marked it in place and sampling stopped before
+    ControlNet's UNet hook took the marks off again (a refused request); else the next request with
+    the same prompt would reuse the marked conds."""
+    if not any(controlnet_marked(getattr(p, name, None)) for name in ("c", "uc", "hr_c", "hr_uc")):
+        return
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
+    processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
+
+
 # -- processing objects ------------------------------------------------------------------------
 
 

@@ -131,6 +131,9 @@ def begin(p: Any, args: Sequence[Any]) -> None:
         check_host()
         if not (host.is_txt2img(p) or host.is_img2img(p)):
             raise CLoRARuntimeError(f"CLoRA: {type(p).__name__} is neither txt2img nor img2img; CLoRA runs in those two")
+        units = host.controlnet_units_enabled(p)
+        if units:
+            raise CLoRARuntimeError(_controlnet_message(f"ControlNet unit {units[0]} is enabled"))
         for concept in parsed.concepts:
             lora_bridge.on_disk(concept.lora)  # fail early, naming a LoRA that is missing
     except CLoRARuntimeError as e:
@@ -138,6 +141,13 @@ def begin(p: Any, args: Sequence[Any]) -> None:
         return
     host.set_generation_param(p, infotext.KEY, infotext.dump(parsed))
     generations.open(p, parsed)
+
+
+def _controlnet_message(what: str) -> str:
+    # its UNet hook cannot tell CLoRA's variant rows cond from uncond, and it runs the UNet's
+    # encoder without gradients, so the latent updates would silently do nothing
+    return (f"CLoRA: {what}; CLoRA does not run together with ControlNet yet. "
+            "Disable the ControlNet units or CLoRA")
 
 
 def previews_of(p: Any) -> list:
@@ -213,6 +223,8 @@ class Generation:
         if host.interrupted():  # the host's forward raises InterruptedException
             return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
         try:
+            if host.controlnet_marked(cond):  # hooked by ControlNet without an enabled unit in its args
+                raise CLoRARuntimeError(_controlnet_message("ControlNet is active for this generation"))
             if self._pass is None or not self._pass.serves(denoiser):
                 self._close_pass()
                 self._pass = Pass(self, denoiser, cond)
@@ -234,6 +246,7 @@ class Generation:
 
     def close(self) -> None:
         self._close_pass()
+        host.forget_cached_conds(self.p)
 
 
 class Pass:

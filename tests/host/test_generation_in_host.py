@@ -3,9 +3,11 @@ interrupted, samplers, img2img and inpainting, low-VRAM batching."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from modules import processing, shared
+from modules import processing, prompt_parser, shared
 
 from clora_ext.a1111 import runtime
 from clora_ext.a1111.infotext import KEY
@@ -147,3 +149,25 @@ def test_instruct_pix2pix_is_refused(fake_host, fake_model, monkeypatch):
     monkeypatch.setattr(type(fake_model), "cond_stage_key", "edit")
     with pytest.raises(runtime.RequestRefused, match="instruct-pix2pix"):
         generate(txt2img(script_args=(clora(*PAIR),)))
+
+
+def test_an_enabled_controlnet_unit_is_refused(fake_host):
+    controlnet = SimpleNamespace(title=lambda: "ControlNet", args_from=1, args_to=3)
+    p = txt2img(script_args=(clora(*PAIR), {"enabled": False}, {"enabled": True}))
+    p.scripts = SimpleNamespace(alwayson_scripts=[controlnet])
+    with pytest.raises(runtime.RequestRefused, match="ControlNet unit 1 is enabled"):
+        generate(p)
+
+
+def test_conds_marked_by_controlnet_are_refused_and_the_hosts_cache_forgotten(fake_host, monkeypatch):
+    encode = prompt_parser.get_learned_conditioning
+
+    def marked(*args, **kwargs):  # what ControlNet does to the host's conds before sampling
+        out = encode(*args, **kwargs)
+        return [[c._replace(cond=torch.cat([torch.full_like(c.cond[:1], 1024.0), c.cond])) for c in s] for s in out]
+
+    monkeypatch.setattr(prompt_parser, "get_learned_conditioning", marked)
+    processing.StableDiffusionProcessing.cached_c = ["marked", "conds"]
+    with pytest.raises(runtime.RequestRefused, match="ControlNet is active"):
+        generate(txt2img(script_args=(clora(*PAIR),)))
+    assert processing.StableDiffusionProcessing.cached_c == [None, None]

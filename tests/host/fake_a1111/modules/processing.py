@@ -8,7 +8,7 @@ at the end; the caller closes ``p`` (the host's ``with closing(p)``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -17,6 +17,8 @@ from . import prompt_parser, sd_samplers, shared
 
 @dataclass(eq=False)
 class StableDiffusionProcessing:
+    cached_c: ClassVar[list] = [None, None]  # the host's prompt cache, shared by all p
+    cached_uc: ClassVar[list] = [None, None]
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = 0
@@ -37,6 +39,8 @@ class StableDiffusionProcessing:
 
 @dataclass(eq=False)
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    cached_hr_c: ClassVar[list] = [None, None]
+    cached_hr_uc: ClassVar[list] = [None, None]
     enable_hr: bool = False
 
 
@@ -67,6 +71,7 @@ def process_images(p: StableDiffusionProcessing, scripts: list) -> Processed:
         p.negative_prompts = [p.negative_prompt] * p.batch_size
         c = prompt_parser.get_multicond_learned_conditioning(model, p.prompts, p.firstpass_steps)
         uc = prompt_parser.get_learned_conditioning(model, p.negative_prompts, p.firstpass_steps)
+        p.c, p.uc = c, uc
         sampler = sd_samplers.create_sampler(p.sampler_name, model)
         p.sampler = sampler
         generator = torch.Generator().manual_seed(p.seed + n)
