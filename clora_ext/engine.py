@@ -202,14 +202,15 @@ def gradient_ready(root: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-HALF_LOSS_SCALE = 2.0**12  # fp16's smallest normal is 6e-5: gradients of O(1e-6) survive this scale
+LOSS_SCALE_FACTOR = 2.0**8  # fp16 spans 2^-24 .. 2^16: each retry moves the gradient by a third of that
+LOSS_SCALE_TRIES = 4
 
 
-def _zero_gradient_message(dtype: torch.dtype, scale: float) -> str:
-    if scale > 1:
-        return (f"CLoRA: the latent gradient is zero even with loss scaling x{scale:g} (half-precision model); "
-                "no latent update runs. Run the model in full precision (--no-half) for the updates")
-    return f"CLoRA: the latent gradient is zero ({dtype} latent); no latent update runs"
+def _zero_gradient_message(half: bool) -> str:
+    if half:
+        return ("CLoRA: the latent gradient is zero even with loss scaling (half-precision model); no latent "
+                "update runs. Run the model in full precision (--no-half) for the updates")
+    return "CLoRA: the latent gradient is zero; no latent update runs"
 
 
 class CLoRAEngine:
@@ -232,10 +233,9 @@ class CLoRAEngine:
         self.records: list[StepRecord] = []
         self.last_output: StepOutput | None = None  # maps and masks of the latest step, for previews
         self.updates_enabled = True
-        # half precision: the loss is scaled before the backward pass so that small gradients
-        # do not flush to zero in the fp16 activations (unscaled before the update)
-        dtype = next(unet.parameters()).dtype
-        self.loss_scale = HALF_LOSS_SCALE if dtype == torch.float16 else 1.0
+        # fp16: the loss scale that last gave a finite, non-zero gradient (see _gradient)
+        self.half = next(unet.parameters()).dtype == torch.float16
+        self.loss_scale = 1.0
         self._warned: set[str] = set()
         self.token_maps = token_maps
 
@@ -337,21 +337,18 @@ class CLoRAEngine:
                     if not keep:
                         return
                     kept = torch.tensor(keep, device=x.device)
-                    scaled = losses_t.index_select(0, kept).sum() * self.loss_scale
-                    (grad,) = torch.autograd.grad(scaled, leaf)
+                    grad = self._gradient(losses_t.index_select(0, kept).sum(), leaf)
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch
                 self.updates_enabled = False
                 self.warn_once("oom", "CLoRA: out of memory in the gradient pass; latent updates skipped for this image")
                 return
-            grad = grad.index_select(0, kept).float() / self.loss_scale
+            grad = grad.index_select(0, kept)
             if not torch.isfinite(grad).all():
-                if self.loss_scale > 1:  # the scaled gradient overflowed: scale less from now on
-                    self.loss_scale = max(1.0, self.loss_scale / 64)
                 self.warn_once("nonfinite", "CLoRA: non-finite loss or gradient; that latent update was skipped")
                 return
             active = active.index_select(0, kept)
             if not grad.any() and any(losses[j] != 0 for j in keep):
-                self.warn_once("zero_gradient", _zero_gradient_message(x.dtype, self.loss_scale))
+                self.warn_once("zero_gradient", _zero_gradient_message(self.half))
                 return
             if region is not None:
                 grad = grad * (region if region.dim() < 4 or region.shape[0] == 1 else region.index_select(0, active))
@@ -365,6 +362,27 @@ class CLoRAEngine:
             for b in images:
                 record.image_updates[b] = record.image_updates.get(b, 0) + 1
             record.iterations += 1
+
+    def _gradient(self, loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        """d loss / d leaf (float32). On an fp16 model a gradient that flushes to zero in the half-precision
+        activations is computed again with the loss scaled up, one that overflows with it scaled down
+        (the graph is kept for those retries); the scale that worked is kept for the next pass."""
+        if not self.half:
+            (grad,) = torch.autograd.grad(loss, leaf)
+            return grad
+        scale = self.loss_scale
+        for attempt in range(LOSS_SCALE_TRIES):
+            last = attempt == LOSS_SCALE_TRIES - 1
+            (grad,) = torch.autograd.grad(loss * scale, leaf, retain_graph=not last)
+            grad = grad.float() / scale
+            if not torch.isfinite(grad).all():
+                scale /= LOSS_SCALE_FACTOR
+            elif not grad.any() and float(loss.detach()) != 0:
+                scale *= LOSS_SCALE_FACTOR
+            else:
+                self.loss_scale = scale
+                break
+        return grad
 
     @contextlib.contextmanager
     def differentiable_loss(self, x: torch.Tensor, model: RowModel) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

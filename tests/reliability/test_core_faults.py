@@ -11,9 +11,10 @@ from clora_ext.concepts import Concept
 from clora_ext.devtools.loras import write_kohya_lora
 from clora_ext.devtools.pipeline import ConceptLoRA, TinySD, generate
 from clora_ext.devtools.tiny_sd import build_tiny_text_encoder, build_tiny_unet
-from clora_ext.engine import EngineHooks, EngineSettings
+from clora_ext.engine import LOSS_SCALE_FACTOR, CLoRAEngine, EngineHooks, EngineSettings, RowLayout, StepRecord
 from clora_ext.lora_file import map_lora, read_lora_file
-from clora_ext.update import Schedule
+from clora_ext.tokens import TokenMapSpec
+from clora_ext.update import DDPMSpace, Schedule
 
 SETTINGS = EngineSettings(schedule=Schedule(refine_iterations=2))
 PLAIN = dict(seed=9, steps=4, latent_hw=(16, 16))
@@ -131,3 +132,56 @@ def test_out_of_memory_in_gradient_pass_skips_updates_and_warns(setup):
     assert not engine.updates_enabled and len(warnings) == 1 and "out of memory" in warnings[0]
     assert calls[0] == 1 + PLAIN["steps"]  # one failed gradient pass, then fused passes only
     check_clean(model, before, reference)
+
+
+def test_a_gradient_that_vanishes_is_reported_instead_of_a_silent_non_update(setup):
+    model, concepts, reference = setup
+    before = fingerprint(model)
+    warnings: list[str] = []
+    # the gradient pass keeps its graph, but every gradient reaching the latent is exactly zero
+    with fault(model, lambda n, grad: grad, lambda x, *rest: (x * 0 + x.detach(), *rest)):
+        x, engine = generate(model, "a cat and a dog", concepts=concepts, settings=SETTINGS,
+                             hooks=EngineHooks(warn=warnings.append), **PLAIN)
+    assert all(r.iterations == 0 for r in engine.records)
+    assert len(warnings) == 1 and "gradient is zero" in warnings[0]
+    check_clean(model, before, reference)
+
+
+class _Shrink(torch.autograd.Function):
+    """Identity forward; the backward scales the (fp16) gradient by 2^-20, so it flushes to zero."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2.0**-20
+
+
+def test_a_half_precision_gradient_that_flushes_to_zero_is_recovered_by_loss_scaling():
+    """fp16 (under autocast, as the host runs it) with a gradient too small for fp16: the loss is
+    scaled up until it survives, and the update takes the fp32 model's direction."""
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    ctx = torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    moves, scales = {}, {}
+    for dtype in (torch.float32, torch.float16):
+        unet = build_tiny_unet(seed=3).to(dtype)
+        for module in unet.modules():  # CPU autocast runs norms in fp32 (as A1111's fp16 models keep them)
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                module.float()
+        half = dtype == torch.float16
+
+        def row_model(x_rows, layout: RowLayout, unet=unet, half=half):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=half):
+                x_in = _Shrink.apply(x_rows.half()) if half else x_rows
+                return unet(x_in, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+        with CLoRAEngine(unet, [[], [], []], specs, EngineSettings()) as engine:
+            moved = x.clone()
+            engine._optimise(moved, DDPMSpace(), row_model, 1, StepRecord(0))
+            moves[dtype], scales[dtype] = (moved - x).flatten(), engine.loss_scale
+    assert scales == {torch.float32: 1.0, torch.float16: LOSS_SCALE_FACTOR}  # one retry, scaled up
+    cosine = torch.nn.functional.cosine_similarity(moves[torch.float32], moves[torch.float16], dim=0)
+    assert moves[torch.float16].abs().sum() > 0 and cosine > 0.9
