@@ -33,9 +33,10 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--loras", help="comma-separated LoRA counts (default 2,8; --paper 2)")
     p.add_argument("--configs", help="subset of abcd (default abcd)")
     p.add_argument("--b-max-loras", type=int, help="skip (b) above this LoRA count (default 2)")
-    p.add_argument("--refine-iterations", type=int, help="refine count (default: 20 * steps / 50)")
+    p.add_argument("--refine-iterations", type=int, help="refine count (default: the shipped 20)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds of all configurations (default 3)")
     p.add_argument("--refine-tolerance", type=_tolerance, default=argparse.SUPPRESS,
-                   help="(d) early-stop tolerance; 'none' = the paper's fixed count (default 1e-3)")
+                   help="(d) early-stop tolerance; 'none' = the paper's fixed count (the default)")
     p.add_argument("--rank", type=int, help="LoRA rank (default 16; --quick 4)")
     p.add_argument("--seed", type=int)
     p.add_argument("--cfg-scale", type=float)
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         "configs": args.configs,
         "b_max_loras": args.b_max_loras,
         "refine_iterations": args.refine_iterations,
+        "rounds": args.rounds,
         "rank": args.rank,
         "seed": args.seed,
         "cfg_scale": args.cfg_scale,

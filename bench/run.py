@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,6 @@ from .reference import generate_reference
 SUBJECTS = ("cat", "dog", "fox", "horse", "bird", "cow", "sheep", "frog")
 NEGATIVE = "blurry, low quality, deformed"
 PAPER_STEPS = 50
-PAPER_REFINE_ITERATIONS = 20
 CONFIG_NAMES = {
     "a": "plain, LoRAs merged",
     "b": "reference cost structure",
@@ -68,7 +68,7 @@ class BenchOptions:
     loras: tuple[int, ...] = (2, 8)
     configs: str = "abcd"
     b_max_loras: int = 2  # (b) is skipped above this LoRA count (its cost explodes)
-    refine_iterations: int | None = None  # None: the paper's 20 scaled by steps / 50
+    refine_iterations: int | None = None  # None: the shipped default (the paper's 20, at any step count)
     refine_tolerance: float | None = EngineSettings.refine_tolerance  # None: fixed refine count in (d)
     rank: int = 16
     seed: int = 0
@@ -77,13 +77,14 @@ class BenchOptions:
     warmup: bool = True
     probe: bool = True  # time two plain UNet calls before and after every configuration
     preset: str = "default"
+    rounds: int = 3  # interleaved rounds (a b c d, a b c d, ...); ratios are medians of per-round ratios
 
     @property
     def schedule(self) -> Schedule:
-        iterations = self.refine_iterations
-        if iterations is None:
-            iterations = max(1, round(PAPER_REFINE_ITERATIONS * self.steps / PAPER_STEPS))
-        return Schedule(refine_iterations=iterations)
+        shipped = EngineSettings().schedule
+        if self.refine_iterations is None:
+            return shipped
+        return dataclasses.replace(shipped, refine_iterations=self.refine_iterations)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -98,6 +99,8 @@ class BenchOptions:
             raise ValueError("--device cuda but torch has no CUDA")
         for n in self.loras:
             prompt_for(n)
+        if self.rounds < 1:
+            raise ValueError("--rounds must be at least 1")
         if self.model not in ("sd15", "sd15-full"):
             raise ValueError("--model is sd15-full or sd15 (tiny)")
 
@@ -462,9 +465,22 @@ def _settings_info(opts: BenchOptions) -> dict[str, Any]:
         "refine_steps": sorted({i for i in range(opts.steps) if s.iterations_at(i, opts.steps) > 1}),
         "refine_iterations": s.refine_iterations,
         "refine_tolerance": opts.refine_tolerance,
+        # what (d) ran: the shipped engine defaults unless an option above overrides them
+        "engine_settings": _json_ready(dataclasses.asdict(_engine_settings(opts))),
+        "rounds": opts.rounds,
         "attention": "SDPA (instance-patched) for a, c, d; explicit softmax in every layer for b",
         "negative": NEGATIVE,
     }
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return getattr(value, "value", str(value))  # enums
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -477,7 +493,34 @@ def _rel_diff(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
-def summarise(n: int, results: dict[str, Measured], opts: BenchOptions, machine: dict[str, Any]) -> dict[str, Any]:
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _round_ratio(rounds: Mapping[str, Sequence[Measured]], num: str, den: str, attr: str = "seconds") -> float | None:
+    """The median over rounds of the per-round ratio (the two ran back to back in each round)."""
+    if num not in rounds or den not in rounds:
+        return None
+    ratios = [getattr(x, attr) / getattr(y, attr) for x, y in zip(rounds[num], rounds[den]) if getattr(y, attr) > 0]
+    return _median(ratios) if ratios else None
+
+
+def _representative(runs: Sequence[Measured]) -> Measured:
+    """The round with the median wall time (its extras describe a typical run), carrying every
+    round's times and the highest memory peak over the rounds."""
+    ordered = sorted(runs, key=lambda m: m.seconds)
+    m = ordered[(len(ordered) - 1) // 2]
+    peak = max(runs, key=lambda r: r.peak_bytes - r.before_bytes)
+    extra = {**m.extra, "seconds_rounds": [r.seconds for r in runs], "cpu_seconds_rounds": [r.cpu_seconds for r in runs]}
+    return dataclasses.replace(m, seconds=_median([r.seconds for r in runs]),
+                               cpu_seconds=_median([r.cpu_seconds for r in runs]),
+                               peak_bytes=peak.peak_bytes, before_bytes=peak.before_bytes, extra=extra)
+
+
+def summarise(n: int, rounds: dict[str, list[Measured]], opts: BenchOptions, machine: dict[str, Any]) -> dict[str, Any]:
+    """Ratios and per-configuration figures for one LoRA count from ``rounds[c]`` (one Measured per round)."""
+    results = {c: _representative(runs) for c, runs in rounds.items()}
+
     def sec(c):
         return results[c].seconds if c in results else None
 
@@ -500,6 +543,15 @@ def summarise(n: int, results: dict[str, Measured], opts: BenchOptions, machine:
     entry: dict[str, Any] = {
         "loras": n,
         "prompt": prompt_for(n),
+        "rounds": opts.rounds,
+        # medians of the per-round ratios (load cannot favour one configuration: each round runs all)
+        "d_over_a_median": _round_ratio(rounds, "d", "a"),
+        "d_over_c_median": _round_ratio(rounds, "d", "c"),
+        "b_over_d_median": _round_ratio(rounds, "b", "d"),
+        "cpu_d_over_a_median": _round_ratio(rounds, "d", "a", "cpu_seconds"),
+        "cpu_d_over_c_median": _round_ratio(rounds, "d", "c", "cpu_seconds"),
+        "cpu_b_over_d_median": _round_ratio(rounds, "b", "d", "cpu_seconds"),
+        # ratios of the configurations' median times
         "d_over_a": _ratio(sec("d"), sec("a")),
         "d_over_c": _ratio(sec("d"), sec("c")),
         "b_over_d": _ratio(sec("b"), sec("d")),
@@ -511,15 +563,18 @@ def summarise(n: int, results: dict[str, Measured], opts: BenchOptions, machine:
         "cpu_d_over_c": _ratio(cpu("d"), cpu("c")),
         "cpu_b_over_d": _ratio(cpu("b"), cpu("d")),
         "mem_b_over_d": _ratio(peak("b"), peak("d")),
-        "mem_over_start_d_over_a": _ratio(over("d"), over("a")),
         "configs": {c: {"name": CONFIG_NAMES[c], **results[c].summary()} for c in sorted(results)},
         "settings": _settings_info(opts),
         "machine": machine,
     }
-    if "a" in results and "d" in results and results["a"].extra.get("merge_backup_bytes") is not None:
-        # (a)'s peak holds the weight backup that merging keeps (A1111 keeps it in CPU RAM)
-        a_no_backup = results["a"].peak_bytes - results["a"].extra["merge_backup_bytes"]
-        entry["mem_d_over_a_without_merge_backup"] = _ratio(peak("d"), a_no_backup)
+    if "a" in results and "d" in results:
+        # memory above the process's level before the configuration (the model excluded); (a)'s
+        # peak holds the weight backup merging keeps (A1111 keeps one too), reported apart
+        backup = results["a"].extra.get("merge_backup_bytes") or 0
+        entry["a_merge_backup_mib"] = backup / MiB
+        entry["mem_over_start_d_over_a"] = _ratio(over("d"), max(1, over("a") - backup))
+        entry["mem_over_start_d_over_a_with_merge_backup"] = _ratio(over("d"), over("a"))
+        entry["mem_d_over_a_without_merge_backup"] = _ratio(peak("d"), results["a"].peak_bytes - backup)
     if "c" in results:
         for c in ("a", "b", "d"):
             if c in results:
@@ -543,13 +598,22 @@ def summarise(n: int, results: dict[str, Measured], opts: BenchOptions, machine:
             "refinement_seconds": d["refinement_seconds"],
             "other_seconds": other,
         }
-    if n == 2 or "b" in results:
-        entry["targets"] = {
-            "d_over_c<=1.5": None if entry["d_over_c"] is None else entry["d_over_c"] <= 1.5,
-            "b_over_d>=2.5": None if entry["b_over_d"] is None else entry["b_over_d"] >= 2.5,
-            "mem_d_over_a<=1.5": None if entry["mem_d_over_a"] is None else entry["mem_d_over_a"] <= 1.5,
-        }
+    if "b" in results and "d" in results:
+        # like for like: (b) and (d) ran the same number of gradient passes (d at the shipped fixed count)
+        b_passes, d_passes = results["b"].extra["backward_passes"], results["d"].extra["gradient_passes"]
+        entry["b_over_d_same_passes"] = entry["b_over_d_median"] if b_passes == d_passes else None
+        entry["gradient_passes_b_d"] = [b_passes, d_passes]
+    entry["targets"] = {
+        "d_over_c_median<=1.5": _at_most(entry["d_over_c_median"], 1.5),
+        "b_over_d_same_passes>=2.5": None if entry.get("b_over_d_same_passes") is None
+        else entry["b_over_d_same_passes"] >= 2.5,
+        "mem_over_start_d_over_a<=1.5": _at_most(entry.get("mem_over_start_d_over_a"), 1.5),
+    }
     return entry
+
+
+def _at_most(value: float | None, limit: float) -> bool | None:
+    return None if value is None else value <= limit
 
 
 def _warmup(opts: BenchOptions, setup: Setup, log: Callable[[str], None]) -> None:
@@ -606,28 +670,29 @@ def run_benchmark(opts: BenchOptions, log: Callable[[str], None] = print) -> dic
             if opts.warmup:
                 _warmup(opts, setup, log)
             for n in opts.loras:
-                results: dict[str, Measured] = {}
-                for c in "abcd":
-                    if c not in opts.configs:
-                        continue
-                    if c == "b" and n > opts.b_max_loras:
-                        log(f"{n} LoRAs: (b) skipped (above --b-max-loras {opts.b_max_loras})")
-                        continue
-                    probe_before = probe(opts, setup) if opts.probe else None
-                    if c == "a":
-                        results[c] = run_a(opts, setup, n)
-                    elif c == "b":
-                        results[c] = run_b(opts, setup, n)
-                    else:
-                        results[c] = run_cd(opts, setup, n, update=(c == "d"))
-                    m = results[c]
-                    if opts.probe:
-                        m.extra["probe_seconds"] = [probe_before, probe(opts, setup)]
-                    log(f"{n} LoRAs ({c}) {CONFIG_NAMES[c]}: {m.seconds:.1f} s, "
-                        f"peak {m.peak_bytes / MiB:.0f} MiB (+{max(0, m.peak_bytes - m.before_bytes) / MiB:.0f})")
-                    if not bool(torch.isfinite(m.latent).all()):
-                        log(f"warning: ({c}) produced a non-finite latent")
-                out[str(n)] = summarise(n, results, opts, machine)
+                configs = [c for c in "abcd" if c in opts.configs]
+                if "b" in configs and n > opts.b_max_loras:
+                    log(f"{n} LoRAs: (b) skipped (above --b-max-loras {opts.b_max_loras})")
+                    configs.remove("b")
+                rounds: dict[str, list[Measured]] = {c: [] for c in configs}
+                for r in range(opts.rounds):  # interleaved: a b c d, a b c d, ...
+                    for c in configs:
+                        probe_before = probe(opts, setup) if opts.probe else None
+                        if c == "a":
+                            m = run_a(opts, setup, n)
+                        elif c == "b":
+                            m = run_b(opts, setup, n)
+                        else:
+                            m = run_cd(opts, setup, n, update=(c == "d"))
+                        if opts.probe:
+                            m.extra["probe_seconds"] = [probe_before, probe(opts, setup)]
+                        rounds[c].append(m)
+                        log(f"{n} LoRAs, round {r + 1}/{opts.rounds}, ({c}) {CONFIG_NAMES[c]}: {m.seconds:.1f} s "
+                            f"(CPU {m.cpu_seconds:.1f} s), peak {m.peak_bytes / MiB:.0f} MiB "
+                            f"(+{max(0, m.peak_bytes - m.before_bytes) / MiB:.0f})")
+                        if not bool(torch.isfinite(m.latent).all()):
+                            log(f"warning: ({c}) produced a non-finite latent")
+                out[str(n)] = summarise(n, rounds, opts, machine)
     return out
 
 
@@ -649,7 +714,7 @@ def _probes(p: Sequence[float | None] | None) -> str:
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown: per-configuration numbers, then the ratios, then (d)'s time split."""
     lines = [
-        "| LoRAs | config | s / image | CPU s | probe s (before / after) | peak MiB | peak over start MiB | UNet rows (fused / grad) |",
+        "| LoRAs | config | s / image (median) | CPU s (median) | probe s (before / after) | peak MiB | peak over start MiB | UNet rows (fused / grad) |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for key, entry in results.items():
@@ -667,18 +732,23 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
             )
     lines += [
         "",
-        "| LoRAs | d/a | d/c | b/d | mem d/a | d/c interleaved | probe-normalised d/a, d/c, b/d | gradient passes (run / max) |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
+        "Ratios: medians over the rounds of each round's ratio (CPU time beside wall time).",
+        "",
+        "| LoRAs | rounds | d/c | d/a | b/d (same gradient passes) | CPU d/c, d/a, b/d | mem over start d/a "
+        "(with a's merge backup) | d/c interleaved | gradient passes b / d |",
+        "|---|---:|---:|---:|---:|---|---|---:|---|",
     ]
     for key, e in results.items():
-        passes = (
-            f"{e['d_gradient_passes']} / {e['d_gradient_passes_max']}" if "d_gradient_passes" in e else "–"
-        )
+        passes = " / ".join(str(v) for v in e["gradient_passes_b_d"]) if "gradient_passes_b_d" in e else (
+            f"– / {e['d_gradient_passes']}" if "d_gradient_passes" in e else "–")
+        same = e.get("b_over_d_same_passes")
+        b_d = _f(same) if same is not None else (f"{_f(e.get('b_over_d_median'))} (passes differ)"
+                                                 if e.get("b_over_d_median") is not None else "–")
         lines.append(
-            f"| {key} | {_f(e['d_over_a'])} | {_f(e['d_over_c'])} | {_f(e['b_over_d'])} | {_f(e['mem_d_over_a'])} | "
-            f"{_f(e.get('d_over_c_interleaved'))} | "
-            f"{_f(e.get('probe_norm_d_over_a'))}, {_f(e.get('probe_norm_d_over_c'))}, {_f(e.get('probe_norm_b_over_d'))} | "
-            f"{passes} |"
+            f"| {key} | {e.get('rounds', 1)} | {_f(e.get('d_over_c_median'))} | {_f(e.get('d_over_a_median'))} | {b_d} | "
+            f"{_f(e.get('cpu_d_over_c_median'))}, {_f(e.get('cpu_d_over_a_median'))}, {_f(e.get('cpu_b_over_d_median'))} | "
+            f"{_f(e.get('mem_over_start_d_over_a'))} ({_f(e.get('mem_over_start_d_over_a_with_merge_backup'))}) | "
+            f"{_f(e.get('d_over_c_interleaved'))} | {passes} |"
         )
     split = [(k, e["d_breakdown"]) for k, e in results.items() if "d_breakdown" in e]
     if split:

@@ -18,7 +18,7 @@ def _positive(value) -> bool:
 
 
 def test_quick_bench_structure(tmp_path):
-    opts = quick_options(steps=4, loras=(2,), configs="abcd", latent=8, warmup=False)
+    opts = quick_options(steps=4, loras=(2,), configs="abcd", latent=8, warmup=False, rounds=2, refine_iterations=1)
     results = run_benchmark(opts, log=lambda message: None)
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(results))  # JSON-serialisable
@@ -26,8 +26,16 @@ def test_quick_bench_structure(tmp_path):
 
     assert set(results) == {"2"}
     entry = results["2"]
-    for key in ("d_over_a", "d_over_c", "b_over_d", "mem_d_over_a", "cpu_d_over_a", "cpu_b_over_d", "probe_norm_d_over_c"):
+    for key in ("d_over_a", "d_over_c", "b_over_d", "mem_d_over_a", "cpu_d_over_a", "cpu_b_over_d", "probe_norm_d_over_c",
+                "d_over_c_median", "cpu_d_over_c_median", "b_over_d_same_passes", "mem_over_start_d_over_a"):
         assert _positive(entry[key]), (key, entry[key])
+    assert entry["rounds"] == 2 and entry["settings"]["engine_settings"]["refine_tolerance"] is None
+    for c, r in entry["configs"].items():  # every round measured, the median reported
+        assert len(r["seconds_rounds"]) == 2 and min(r["seconds_rounds"]) <= r["seconds"] <= max(r["seconds_rounds"]), c
+    # the per-round median ratio lies between the rounds' own ratios
+    d_c = [d / c for d, c in zip(entry["configs"]["d"]["seconds_rounds"], entry["configs"]["c"]["seconds_rounds"])]
+    assert min(d_c) - 1e-9 <= entry["d_over_c_median"] <= max(d_c) + 1e-9
+    assert entry["gradient_passes_b_d"][0] == entry["gradient_passes_b_d"][1]  # like for like
     assert set(entry["configs"]) == {"a", "b", "c", "d"}
     for c, r in entry["configs"].items():
         assert _positive(r["seconds"]) and r["peak_bytes"] > 0, c
