@@ -83,6 +83,16 @@ class RowModel(Protocol):
         """Run the model on rows ``x`` (R, C, H, W) described by ``layout``; return (R, C, H, W)."""
 
 
+OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
+
+
+def split_rows(rows: torch.Tensor, most: int | None) -> list[torch.Tensor]:
+    """``rows`` cut into consecutive chunks of at most ``most`` (all of them when None)."""
+    if most is None or len(rows) <= most:
+        return [rows]
+    return list(torch.split(rows, max(1, most)))
+
+
 def row_groups(model: RowModel, layout: RowLayout) -> list[torch.Tensor]:
     """The row groups ``model`` asks to be called with (one group of every row by default)."""
     split = getattr(model, "row_groups", None)
@@ -233,6 +243,8 @@ class CLoRAEngine:
         self.records: list[StepRecord] = []
         self.last_output: StepOutput | None = None  # maps and masks of the latest step, for previews
         self.updates_enabled = True
+        # the most rows one UNet call may take (None: no cap); the host's low-VRAM setting sets it
+        self.max_rows: int | None = None
         # fp16: the loss scale that last gave a finite, non-zero gradient (see _gradient)
         self.half = next(unet.parameters()).dtype == torch.float16
         self.loss_scale = 1.0
@@ -338,7 +350,7 @@ class CLoRAEngine:
                         return
                     kept = torch.tensor(keep, device=x.device)
                     grad = self._gradient(losses_t.index_select(0, kept).sum(), leaf)
-            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch
+            except OUT_OF_MEMORY:  # in the backward pass (the forward retries in halves)
                 self.updates_enabled = False
                 self.warn_once("oom", "CLoRA: out of memory in the gradient pass; latent updates skipped for this image")
                 return
@@ -429,37 +441,65 @@ class CLoRAEngine:
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The model's output on every row (None after a gradient pass's early stop) and the requested maps.
 
-        One call per row group of the model; each group routes its own rows and captures
-        the maps that fall in it, which are put back in request order.
+        One call per row group of the model, each cut to ``max_rows``; a call that runs out of
+        device memory is run again as two halves (down to single rows). Each call routes its
+        own rows and captures the maps that fall in it, which are put back in request order.
         """
-        groups = row_groups(model, layout)
-        if len(groups) == 1:
-            y = None
-            with self.router.routed(self._routes(layout), len(layout)), self.capture.capturing(request):
-                y = model(x_rows, layout)
-            return y, self.capture.maps()
+        chunks = [c for g in row_groups(model, layout) for c in split_rows(g, self.max_rows)]
+        if len(chunks) == 1:
+            try:
+                y = None  # stays None when the capture stops a gradient pass early
+                with self.router.routed(self._routes(layout), len(layout)), self.capture.capturing(request):
+                    y = model(x_rows, layout)
+                return y, self.capture.maps()
+            except OUT_OF_MEMORY:
+                if len(layout) == 1:
+                    raise
+                self._after_out_of_memory(x_rows.device, len(layout))
+                chunks = split_rows(chunks[0], self.max_rows)
         out: torch.Tensor | None = None
         parts, order = [], []
-        for rows in groups:
-            rows = rows.to(x_rows.device)
-            local = torch.full((len(layout),), -1, dtype=torch.long, device=x_rows.device)
-            local[rows] = torch.arange(len(rows), device=x_rows.device)
-            picked = (local[request.rows] >= 0).nonzero().squeeze(1)
-            sub = layout.select(rows)
-            capture = (self.capture.capturing(dataclasses.replace(request, rows=local[request.rows[picked]],
-                                                                  cols=request.cols[picked]))
-                       if len(picked) else contextlib.nullcontext())
-            y = None
-            with self.router.routed(self._routes(sub), len(sub)), capture:
-                y = model(x_rows.index_select(0, rows), sub)
-            if len(picked):
-                parts.append(self.capture.maps())
+        pending = list(chunks)
+        while pending:
+            rows = pending.pop(0).to(x_rows.device)
+            try:
+                y, maps, picked = self._run_rows(model, x_rows, layout, request, rows)
+            except OUT_OF_MEMORY:
+                if len(rows) == 1:
+                    raise
+                self._after_out_of_memory(x_rows.device, len(rows))
+                pending = [c for p in [rows, *pending] for c in split_rows(p, self.max_rows)]
+                continue
+            if maps is not None:
+                parts.append(maps)
                 order.append(picked)
             if y is not None:
                 out = y.new_empty((len(layout), *y.shape[1:])) if out is None else out
                 out[rows] = y
         maps = torch.cat(parts).index_select(0, torch.argsort(torch.cat(order)))
         return out, maps
+
+    def _run_rows(self, model: RowModel, x_rows: torch.Tensor, layout: RowLayout, request: CaptureRequest,
+                  rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """One call on the layout's ``rows``: its output and the maps of the requested rows among them."""
+        local = torch.full((len(layout),), -1, dtype=torch.long, device=x_rows.device)
+        local[rows] = torch.arange(len(rows), device=x_rows.device)
+        picked = (local[request.rows] >= 0).nonzero().squeeze(1)
+        sub = layout.select(rows)
+        capture = (self.capture.capturing(dataclasses.replace(request, rows=local[request.rows[picked]],
+                                                              cols=request.cols[picked]))
+                   if len(picked) else contextlib.nullcontext())
+        y = None  # stays None when the capture stops a gradient pass early
+        with self.router.routed(self._routes(sub), len(sub)), capture:
+            y = model(x_rows.index_select(0, rows), sub)
+        return y, self.capture.maps() if len(picked) else None, picked
+
+    def _after_out_of_memory(self, device: torch.device, failed_rows: int) -> None:
+        """Halve the row cap below the call that failed; it stays for the rest of the generation."""
+        self.max_rows = min(self.max_rows or failed_rows, (failed_rows + 1) // 2)
+        self.warn_once("oom_rows", "CLoRA: out of memory in a UNet call; its rows run in smaller chunks from now on")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def masks(self, maps: torch.Tensor, latent_hw: Sequence[int], enabled: bool = True) -> torch.Tensor:
         """(B, V, H, W) masks from (B, P, h, w) maps; before the first masked step, equal weights."""

@@ -53,7 +53,7 @@ from .plan import (
     token_map_schedule,
 )
 from .previews import PreviewStore
-from .settings import settings_defaults
+from .settings import row_cap, settings_defaults
 
 
 class RequestRefused(host.RefusalBase):
@@ -301,6 +301,7 @@ class Pass:
         ]
         hooks = EngineHooks(on_refine=_on_refine, interrupted=host.interrupted, warn=generation.note)
         self.engine = CLoRAEngine(unet, variant_loras, self.token_maps[0][0][1], args.engine_settings(), hooks)
+        self.engine.max_rows = row_cap(len(facts.prompts) * self.plan.n_variants)
         self.engine.__enter__()
         # Interrupt/Skip stop a (gradient) UNet pass between blocks, not only between passes
         blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]

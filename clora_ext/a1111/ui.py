@@ -10,7 +10,7 @@ from ..concepts import MAX_CONCEPTS, Role
 from ..masks import Morphology
 from . import host, lora_bridge
 from .params import NO_LORA, ROW_FIELDS, SETTING_FIELDS, VERSION, CLoRAArgs, ConceptArgs, ui_value
-from .settings import CATEGORY, SECTION, option_key, settings_defaults
+from .settings import CATEGORY, MAX_ROWS_KEY, SECTION, option_key, settings_defaults
 
 VISIBLE_ROWS = 2
 
@@ -120,3 +120,5 @@ def register_settings() -> None:
         else:
             component, args = gr.Textbox, {}
         host.add_setting(option_key(name), default, f"CLoRA default: {info.title}", component, args, SECTION, CATEGORY)
+    host.add_setting(MAX_ROWS_KEY, 0, "CLoRA: most UNet rows per call (0: no limit; lower it when VRAM runs out)",
+                     gr.Slider, {"minimum": 0, "maximum": 64, "step": 1}, SECTION, CATEGORY)

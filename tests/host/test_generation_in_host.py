@@ -100,13 +100,34 @@ def test_ddim_cfgpp_takes_updates_where_the_host_has_it(fake_host, host_version,
     assert "latent updates in" in capsys.readouterr().out
 
 
-def test_low_vram_batching_and_long_negative_prompt(fake_host):
+def _unet_rows(model):
+    sizes = []
+    handle = model.model.diffusion_model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    return sizes, handle
+
+
+def test_low_vram_batching_and_long_negative_prompt(fake_host, fake_model):
     shared.opts.batch_cond_uncond = False
     negative = ", ".join(["blurry"] * 60)  # 2 chunks against the prompt's 1
-    p = txt2img(script_args=(clora(*PAIR),), negative_prompt=negative)
-    out = generate(p).images[0]
+    p = txt2img(script_args=(clora(*PAIR),), negative_prompt=negative, batch_size=2)
+    sizes, handle = _unet_rows(fake_model)
+    try:
+        out = generate(p).images[0]
+    finally:
+        handle.remove()
     assert torch.isfinite(out).all()
-    assert p.sampler.model_wrap_cfg.calls[:2] == [1, 1]  # the host asked for cond and uncond apart
+    assert p.sampler.model_wrap_cfg.calls[:2] == [2, 2]  # the host asked for cond and uncond apart
+    assert max(sizes) == 2 * 3  # and CLoRA, too, never ran more than one half (2 images x 3 variants)
+
+
+def test_a_row_cap_in_settings_limits_every_unet_call(fake_host, fake_model):
+    shared.opts.clora_max_rows = 2
+    sizes, handle = _unet_rows(fake_model)
+    try:
+        generate(txt2img(script_args=(clora(*PAIR),)))
+    finally:
+        handle.remove()
+    assert max(sizes) == 2
 
 
 def img2img(**kw) -> processing.StableDiffusionProcessingImg2Img:
