@@ -204,6 +204,11 @@ def pass_facts(p: Any) -> PassFacts:
                      p.width, p.height)
 
 
+def uses_refiner(p: Any) -> bool:
+    """Whether ``p`` switches to a refiner checkpoint part way (1.6+)."""
+    return getattr(p, "refiner_checkpoint", None) not in (None, "", "None", "none")
+
+
 def batch_iteration(p: Any) -> int:
     return int(p.iteration)
 

@@ -131,6 +131,8 @@ def begin(p: Any, args: Sequence[Any]) -> None:
         check_host()
         if not (host.is_txt2img(p) or host.is_img2img(p)):
             raise CLoRARuntimeError(f"CLoRA: {type(p).__name__} is neither txt2img nor img2img; CLoRA runs in those two")
+        if host.uses_refiner(p):  # the switch loads another model, which the concepts' LoRAs do not fit
+            raise CLoRARuntimeError("CLoRA: the refiner switch is not supported; turn the refiner off to use CLoRA")
         units = host.controlnet_units_enabled(p)
         if units:
             raise CLoRARuntimeError(_controlnet_message(f"ControlNet unit {units[0]} is enabled"))

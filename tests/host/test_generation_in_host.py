@@ -192,3 +192,10 @@ def test_conds_marked_by_controlnet_are_refused_and_the_hosts_cache_forgotten(fa
     with pytest.raises(runtime.RequestRefused, match="ControlNet is active"):
         generate(txt2img(script_args=(clora(*PAIR),)))
     assert processing.StableDiffusionProcessing.cached_c == [None, None]
+
+
+def test_the_refiner_switch_is_refused(fake_host):
+    p = txt2img(script_args=(clora(*PAIR),))
+    p.refiner_checkpoint = "sd_xl_refiner_1.0"
+    with pytest.raises(runtime.RequestRefused, match="refiner switch is not supported"):
+        generate(p)
