@@ -42,7 +42,7 @@ def _context_key(schedule: Schedule) -> tuple:
 
 
 def encode(plan: VariantPlan, loras: Mapping[str, HostLoRA], schedule: Schedule) -> list[list[Any]]:
-    """Scheduled conditionings ([ScheduledPromptConditioning]) of every job of ``plan``, in job order."""
+    """Scheduled conditionings ([(end_at_step, cond)]) of every job of ``plan``, in job order."""
     context = _context_key(schedule)
 
     def key(job: EncodeJob) -> tuple:

@@ -325,12 +325,19 @@ def prompt_schedules(texts: list[str], steps: int, hires_steps: int | None) -> l
 
 
 def learned_conditioning(texts: list[str], negative: bool, steps: int, hires_steps: int | None,
-                         width: int, height: int) -> list[list[Any]]:
-    """[ScheduledPromptConditioning] per text, encoded by the host with the active text-encoder LoRAs."""
+                         width: int, height: int) -> list[list[tuple[int, Any]]]:
+    """[(end_at_step, cond)] per text, encoded by the host with the active text-encoder LoRAs
+    (cond: a tensor, or SDXL's dict of tensors)."""
     conditioning = prompt_parser.SdConditioning(texts, is_negative_prompt=negative, width=width, height=height)
     with devices.autocast():
-        return prompt_parser.get_learned_conditioning(shared.sd_model, conditioning, steps, hires_steps,
-                                                      _old_scheduling())
+        scheduled = prompt_parser.get_learned_conditioning(shared.sd_model, conditioning, steps, hires_steps,
+                                                           _old_scheduling())
+    return [[(int(c.end_at_step), c.cond) for c in schedule] for schedule in scheduled]
+
+
+def subprompt_counts(cond: Any) -> list[int]:
+    """Sub-prompts per image of the host's multi-cond (more than one: an AND prompt)."""
+    return [len(c) for c in cond.batch]
 
 
 def scheduling_options() -> tuple:
@@ -374,6 +381,11 @@ def find_lora(name: str) -> Any:
     return found
 
 
+def lora_path(entry: Any) -> str:
+    """The file of a host LoRA entry."""
+    return str(entry.filename)
+
+
 def lora_family(entry: Any) -> str:
     """"SD1", "SD2", "SDXL" or "Unknown", as the host read the file's metadata."""
     return getattr(getattr(entry, "sd_version", None), "name", "Unknown")
@@ -386,6 +398,58 @@ def user_metadata(filename: str) -> dict:
 def load_network(name: str, entry: Any) -> Any:
     """A Network parsed by the host's own loader, never put in the host's cache."""
     return networks().load_network(name, entry)
+
+
+@dataclass(frozen=True)
+class NetworkModule:
+    """One module of a host Network, read into what the glue needs (the host's object stays behind it).
+
+    ``kind``: "lora" (also LoCon), "loha", "lokr" or the host's class name for other types;
+    ``factors``: the kind's tensors by name (LoRA: up, down, mid; LoHa: w1a, w1b, w2a, w2b,
+    t1, t2; LoKr: w1, w1a, w1b, w2, w2a, w2b, t2), None where the file has none; ``plain``:
+    no bias or DoRA terms, so the delta is the factors times ``scale``; ``updown(weight)``:
+    the host's own (delta, extra bias) at multiplier 1.
+    """
+
+    key: str
+    target: torch.nn.Module
+    kind: str
+    factors: dict
+    plain: bool
+    scale: float
+    updown: Callable[[torch.Tensor], tuple]
+
+
+_KINDS = {"NetworkModuleLora": "lora", "NetworkModuleHada": "loha", "NetworkModuleLokr": "lokr"}
+_FACTORS = {
+    "lora": {"up": "up_model", "down": "down_model", "mid": "mid_model"},
+    "loha": {"w1a": "w1a", "w1b": "w1b", "w2a": "w2a", "w2b": "w2b", "t1": "t1", "t2": "t2"},
+    "lokr": {"w1": "w1", "w1a": "w1a", "w1b": "w1b", "w2": "w2", "w2a": "w2a", "w2b": "w2b", "t2": "t2"},
+}
+
+
+def network_modules(net: Any) -> list[NetworkModule]:
+    """The modules of a Network loaded by ``load_network``, its multipliers set to 1 (our own
+    object: CLoRA puts the multipliers on its routes)."""
+    net.te_multiplier = net.unet_multiplier = 1.0
+    out = []
+    for module in net.modules.values():
+        kind = _KINDS.get(type(module).__name__, type(module).__name__)
+        factors = {}
+        for name, attr in _FACTORS.get(kind, {}).items():
+            value = getattr(module, attr, None)
+            factors[name] = value.weight.detach() if isinstance(value, torch.nn.Module) else \
+                None if value is None else value.detach()
+        # 1.9+ carry bias and DoRA terms; 1.8's modules have no dora_scale
+        plain = getattr(module, "bias", None) is None and getattr(module, "dora_scale", None) is None
+        out.append(NetworkModule(module.sd_key, module.sd_module, kind, factors, plain,
+                                 float(module.calc_scale()) if plain else 1.0, module.calc_updown))
+    return out
+
+
+def keep_network_modules(net: Any, keep: Callable[[torch.nn.Module], bool]) -> None:
+    """Drop the Network's modules whose target module ``keep`` rejects."""
+    net.modules = {k: m for k, m in net.modules.items() if keep(m.sd_module)}
 
 
 def prompt_loras() -> tuple:

@@ -54,7 +54,7 @@ def on_disk(name: str) -> Any:
         raise CLoRARuntimeError(str(e)) from None
     if found is None:
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} is not installed; {suggest_names(name, lora_names())}")
-    if not found.filename.lower().endswith(".safetensors"):  # the host would unpickle .pt/.ckpt
+    if not host.lora_path(found).lower().endswith(".safetensors"):  # the host would unpickle .pt/.ckpt
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} is not a .safetensors file; CLoRA never unpickles files")
     return found
 
@@ -65,7 +65,7 @@ def activation_text(name: str) -> str:
         entry = on_disk(name)
     except CLoRARuntimeError:
         return ""
-    return str(host.user_metadata(entry.filename).get("activation text", "") or "")
+    return str(host.user_metadata(host.lora_path(entry)).get("activation text", "") or "")
 
 
 @dataclass
@@ -92,9 +92,10 @@ def load(name: str) -> HostLoRA:
     """
     entry = on_disk(name)
     model = host.sd_model()
-    _check_version(entry, model)
-    mtime = os.path.getmtime(entry.filename)
-    key = (name, entry.filename, mtime, id(model))
+    _check_version(name, entry, model)
+    path = host.lora_path(entry)
+    mtime = os.path.getmtime(path)
+    key = (name, path, mtime, id(model))
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
@@ -112,11 +113,11 @@ def on_device(deltas: dict[str, Delta], device: torch.device, dtype: torch.dtype
     return {k: d if isinstance(d, LazyDelta) else d.to(device, dtype) for k, d in deltas.items()}
 
 
-def _check_version(entry: Any, model: Any) -> None:
+def _check_version(name: str, entry: Any, model: Any) -> None:
     version = host.lora_family(entry)
     family = host.model_family(model)
     if version not in ("Unknown", family):
-        raise CLoRARuntimeError(f"CLoRA: LoRA {entry.name!r} is made for {version}, but the loaded model is {family}")
+        raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} is made for {version}, but the loaded model is {family}")
 
 
 def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
@@ -125,52 +126,51 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
         net = host.load_network(name, entry)
     except Exception as e:  # the host's reader: safetensors errors, unknown module types, ...
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} cannot be read ({type(e).__name__}: {e}); is the file complete?") from None
-    net.te_multiplier = net.unet_multiplier = 1.0  # our own object: multipliers go on the routes
     lora = HostLoRA(name, mtime)
-    if net.modules:
+    modules = host.network_modules(net)
+    if modules:
         names = {id(m): n for n, m in unet_root.named_modules()}
-        for module in net.modules.values():
-            target = module.sd_module
-            _check_fits(name, module, target, model)
-            if id(target) not in names:
+        for module in modules:
+            _check_fits(name, module, model)
+            if id(module.target) not in names:
                 lora.te_network = net  # a text-encoder module: the host applies it while encoding
                 continue
-            if not isinstance(target, (nn.Linear, nn.Conv2d)):
+            if not isinstance(module.target, (nn.Linear, nn.Conv2d)):
                 lora.skipped += 1
                 continue
-            lora.unet[names[id(target)]] = _cpu(_delta(module, target))
+            lora.unet[names[id(module.target)]] = _cpu(_delta(module))
     else:
         _load_with_reader(lora, entry, model)
     if lora.skipped:
         print(f"CLoRA: LoRA {name!r}: {lora.skipped} module(s) on normalisation layers cannot be routed per row and are left out")
     if lora.te_network is not None:  # keep only the text-encoder modules the host applies; the UNet's are ours
         unet_ids = {id(m) for m in unet_root.modules()}
-        net.modules = {k: m for k, m in net.modules.items() if id(m.sd_module) not in unet_ids}
+        host.keep_network_modules(net, lambda target: id(target) not in unet_ids)
     if not lora.unet and lora.te_network is None and not lora.te_deltas:
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} has no layer that matches the loaded model")
     return lora
 
 
-def _check_fits(name: str, module: Any, target: nn.Module, model: Any) -> None:
+def _check_fits(name: str, module: host.NetworkModule, model: Any) -> None:
     """Refuse a LoRA whose layer shapes do not fit the model (another model family).
 
     The host matches keys by name only (an SDXL LoRA's ``input_blocks_4`` keys exist in
     SD1.5 too) and, when merging, logs and skips what does not fit; routing would fail
     mid-sampling instead.
     """
-    weight = getattr(target, "weight", None)
+    weight = getattr(module.target, "weight", None)
     if weight is None:
         return
     detail = ""
-    kind = type(module).__name__
+    f = module.factors
     factors = None  # (out, in) of the LoRA, read from its factors without building the delta
-    if kind == "NetworkModuleLora":
-        factors = module.up_model.weight.shape[0], module.down_model.weight.shape[1]
-    elif kind == "NetworkModuleHada" and module.t1 is None:
-        factors = module.w1a.shape[0], module.w1b.shape[1:].numel() // weight.shape[2:].numel()
-    elif kind == "NetworkModuleLokr" and module.t2 is None:
-        w1 = module.w1.shape if module.w1 is not None else (module.w1a.shape[0], module.w1b.shape[1])
-        w2 = module.w2.shape if module.w2 is not None else (module.w2a.shape[0], module.w2b.shape[1])
+    if module.kind == "lora":
+        factors = f["up"].shape[0], f["down"].shape[1]
+    elif module.kind == "loha" and f["t1"] is None:
+        factors = f["w1a"].shape[0], f["w1b"].shape[1:].numel() // weight.shape[2:].numel()
+    elif module.kind == "lokr" and f["t2"] is None:
+        w1 = f["w1"].shape if f["w1"] is not None else (f["w1a"].shape[0], f["w1b"].shape[1])
+        w2 = f["w2"].shape if f["w2"] is not None else (f["w2a"].shape[0], f["w2b"].shape[1])
         factors = w1[0] * w2[0], w1[1] * w2[1]
     if factors is not None:
         fits = factors == (weight.shape[0], weight.shape[1])
@@ -178,19 +178,18 @@ def _check_fits(name: str, module: Any, target: nn.Module, model: Any) -> None:
     else:
         try:
             with torch.no_grad():
-                module.calc_updown(weight)
+                module.updown(weight)
             fits = True
         except RuntimeError:
             fits = False
     if not fits:
-        family = host.model_family(model)
         raise CLoRARuntimeError(
-            f"CLoRA: LoRA {name!r} does not fit the loaded {family} model (layer {module.sd_key}{detail}); "
+            f"CLoRA: LoRA {name!r} does not fit the loaded {host.model_family(model)} model (layer {module.key}{detail}); "
             "it is made for another model family"
         )
 
 
-def _delta(module: Any, target: nn.Module) -> Delta:
+def _delta(module: host.NetworkModule) -> Delta:
     """The cheapest exact form of one host module's weight delta (multiplier 1).
 
     Plain LoRA stays low-rank; LoHa becomes an exact low-rank delta of rank r1*r2 where that
@@ -198,34 +197,32 @@ def _delta(module: Any, target: nn.Module) -> Delta:
     anything else (CP/Tucker factors, bias or DoRA terms, OFT, full, IA3, ...) is built by the
     host's ``calc_updown`` once per routed pass.
     """
-    kind = type(module).__name__
+    target, f = module.target, module.factors
     shape = target.weight.shape
-    plain = getattr(module, "bias", None) is None and getattr(module, "dora_scale", None) is None
-    scale = float(module.calc_scale()) if plain else 1.0
-    if kind == "NetworkModuleLora" and module.mid_model is None and plain:
-        return LowRankDelta(down=module.down_model.weight.detach(), up=module.up_model.weight.detach(), scale=scale)
-    if kind == "NetworkModuleHada" and plain and module.t1 is None and module.t2 is None:
-        rank = module.w1a.shape[1] * module.w2a.shape[1]
+    if module.kind == "lora" and f["mid"] is None and module.plain:
+        return LowRankDelta(down=f["down"], up=f["up"], scale=module.scale)
+    if module.kind == "loha" and module.plain and f["t1"] is None and f["t2"] is None:
+        rank = f["w1a"].shape[1] * f["w2a"].shape[1]
         if rank * (shape[0] + shape[1:].numel()) < shape.numel():
-            return HadamardDelta(module.w1a.detach(), module.w1b.detach(), module.w2a.detach(), module.w2b.detach(),
-                                 scale, tuple(shape))
+            return HadamardDelta(f["w1a"], f["w1b"], f["w2a"], f["w2b"], module.scale, tuple(shape))
     grouped = isinstance(target, nn.Conv2d) and target.groups != 1
-    if kind == "NetworkModuleLokr" and plain and module.t2 is None and not grouped:
-        w1 = module.w1 if module.w1 is not None else module.w1a.float() @ module.w1b.float()
-        w2 = module.w2 if module.w2 is not None else module.w2a.float() @ module.w2b.float()
+    if module.kind == "lokr" and module.plain and f["t2"] is None and not grouped:
+        w1 = f["w1"] if f["w1"] is not None else f["w1a"].float() @ f["w1b"].float()
+        w2 = f["w2"] if f["w2"] is not None else f["w2a"].float() @ f["w2b"].float()
         if w2.dim() == 2 and len(shape) == 4:  # a 1x1 conv written with a 2-D factor
             w2 = w2.reshape(*w2.shape, *shape[2:]) if shape[2:].numel() == 1 else w2
         if w1.dim() == 2 and w2.dim() == len(shape) and (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]) == tuple(shape[:2]) \
                 and tuple(w2.shape[2:]) == tuple(shape[2:]):
-            dtype = (module.w1 if module.w1 is not None else module.w1a).dtype  # the file's
-            return KroneckerDelta(w1.detach().to(dtype), w2.detach().to(dtype), scale)
-    return LazyDelta(functools.partial(_build_dense, module, target))
+            dtype = (f["w1"] if f["w1"] is not None else f["w1a"]).dtype  # the file's
+            return KroneckerDelta(w1.to(dtype), w2.to(dtype), module.scale)
+    return LazyDelta(functools.partial(_build_dense, module))
 
 
-def _build_dense(module: Any, target: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _build_dense(module: host.NetworkModule) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = module.target.weight
     with torch.no_grad():
-        updown, ex_bias = module.calc_updown(target.weight)
-    return updown.detach().reshape(target.weight.shape), None if ex_bias is None else ex_bias.detach()
+        updown, ex_bias = module.updown(weight)
+    return updown.detach().reshape(weight.shape), None if ex_bias is None else ex_bias.detach()
 
 
 def _cpu(delta: Delta) -> Delta:
@@ -242,7 +239,7 @@ def _load_with_reader(lora: HostLoRA, entry: Any, model: Any) -> None:
             f"CLoRA: the host cannot read LoRA {lora.name!r}, and the fallback reader handles SD1.x files only"
         )
     try:
-        weights = read_lora_file(entry.filename)
+        weights = read_lora_file(host.lora_path(entry))
         mapped = map_lora(weights, host.unet(model), text_encoder=host.text_encoder(model))
     except LoRAFileError as e:
         raise CLoRARuntimeError(f"CLoRA: {e}") from None

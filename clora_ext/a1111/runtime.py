@@ -265,7 +265,7 @@ class Pass:
             raise CLoRARuntimeError("CLoRA does not support unCLIP checkpoints")
         if host.is_edit_model(self.model):
             raise CLoRARuntimeError("CLoRA does not support instruct-pix2pix (edit) checkpoints")
-        check_single_conds([len(c) for c in cond.batch])
+        check_single_conds(host.subprompt_counts(cond))
         args = generation.args
         composition = args.composition()
         try:
@@ -275,7 +275,7 @@ class Pass:
         self.loras = {c.lora: lora_bridge.load(c.lora) for c in args.concepts}
         schedule = encoding.Schedule(facts.steps, facts.hires_steps, facts.width, facts.height)
         self.conds = encoding.encode(self.plan, self.loras, schedule)
-        self.cond_ends = [[int(c.end_at_step) for c in conds] for conds in self.conds]
+        self.cond_ends = [[end for end, _ in conds] for conds in self.conds]
         tokenizer = encoding.host_tokenizer()
         self.token_maps = []
         for variants in self.plan.variants:
@@ -320,7 +320,7 @@ class Pass:
             for v in range(plan.n_variants):
                 for image in range(len(jobs)):
                     j = jobs[image][v]
-                    rows.append(self.conds[j][pick_segment(self.cond_ends[j], step)].cond)
+                    rows.append(self.conds[j][pick_segment(self.cond_ends[j], step)][1])
         # the host runs cond and uncond at their own lengths unless told to pad them
         return ConditioningTable(rows, host.empty_prompt_cond(self.model) if host.pads_cond_uncond() else None)
 

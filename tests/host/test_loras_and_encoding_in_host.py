@@ -63,8 +63,8 @@ def test_variants_are_encoded_with_their_text_encoder_lora_and_cached(fake_host,
     conds = encoding.encode(plan, loras, schedule)
     base, cat = plan.cond_job[0][0], plan.cond_job[0][1]
     plain = fake_host.sd_model.get_learned_conditioning([plan.jobs[cat].text])[0]
-    assert torch.equal(conds[base][0].cond, fake_host.sd_model.get_learned_conditioning([plan.jobs[base].text])[0])
-    assert not torch.allclose(conds[cat][0].cond, plain)  # the cat variant went through the cat LoRA's encoder
+    assert torch.equal(conds[base][0][1], fake_host.sd_model.get_learned_conditioning([plan.jobs[base].text])[0])
+    assert not torch.allclose(conds[cat][0][1], plain)  # the cat variant went through the cat LoRA's encoder
     assert networks.loaded_networks == []  # the prompt's own list is given back
     calls = []
     monkeypatch.setattr(fake_host.sd_model, "get_learned_conditioning", lambda texts: calls.append(texts))
