@@ -1,4 +1,4 @@
-// Hover hints for the CLoRA accordion (txt2img).
+// Hover hints for the CLoRA accordions (txt2img and img2img).
 (function () {
     const hints = {
         "clora-subject": "The subject phrase exactly as written in the prompt, e.g. 'cat'. For 'style (listed subjects)': the subjects, comma separated.",
@@ -10,6 +10,9 @@
         "clora-step_size": "Latent update step size (paper: 20).",
         "clora-update_fraction": "Fraction of the steps that update the latent (paper: 0.5).",
         "clora-refine_at": "Steps with extra refine iterations, as fractions of the steps (paper: 0, 0.2, 0.4).",
+        "clora-refine_iterations": "Extra latent updates at each refine step (paper: 20).",
+        "clora-refine_tolerance": "Stop refining an image once its loss improves by less than this fraction (0: the paper's fixed count).",
+        "clora-morphology": "Open or close the masks before fusion (paper: none).",
         "clora-mask_threshold": "A map pixel belongs to the mask when it reaches this fraction of the map's peak.",
         "clora-mask_start": "Fraction of the steps before masks are used; until then variants are averaged.",
         "clora-previews": "Append the attention maps and masks of each image to the gallery.",

@@ -97,7 +97,7 @@ def encoding_options(model: Any) -> tuple:
 
 
 def add_setting(key: str, default: Any, label: str, component: Any, args: dict, section: tuple, category: str) -> None:
-    # category: 1.10's Settings group sections by it (1.8 accepts it and shows no groups)
+    # category: the Settings page groups sections by it (1.8.0 and 1.10.1)
     shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=section, category_id=category))
 
 
@@ -396,8 +396,13 @@ def user_metadata(filename: str) -> dict:
 
 
 def load_network(name: str, entry: Any) -> Any:
-    """A Network parsed by the host's own loader, never put in the host's cache."""
-    return networks().load_network(name, entry)
+    """A Network parsed by the host's own loader, never put in the host's cache.
+
+    The loader builds throwaway Linear/Conv2d layers, whose initialisation draws from torch's
+    global generator; CLoRA loads inside a sampling pass, after the host has seeded, so the
+    generator's state is put back (else the next img2img's VAE sampling would change)."""
+    with torch.random.fork_rng(devices=[]):
+        return networks().load_network(name, entry)
 
 
 @dataclass(frozen=True)

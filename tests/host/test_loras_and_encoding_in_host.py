@@ -83,3 +83,13 @@ def test_prompt_editing_gives_one_token_map_segment_per_schedule_entry(fake_host
                                                     script_args=(clora(("cat", "cat_lora"), ("dog", "dog_lora")),))
     with pytest.raises(Exception, match="not in the prompt during steps 3-4"):
         generate(p)
+
+
+def test_loading_a_lora_leaves_torchs_generator_where_it_was(fake_host):
+    """CLoRA loads LoRAs inside sampling, after the host has seeded; the host's loader builds
+    throwaway layers whose initialisation would otherwise move the global generator."""
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    lora_bridge.load("fox_lora")
+    assert torch.equal(torch.rand(4), expected)
