@@ -31,6 +31,12 @@ class CFGDenoiser(torch.nn.Module):
 
     @property
     def inner_model(self):
+        if self.model_wrap is None:
+            self.model_wrap = self.create_wrap(shared.sd_model)
+        return self.model_wrap
+
+    def create_wrap(self, model):
+        """The sampler family's wrapper of the model (sigma space or timesteps)."""
         raise NotImplementedError
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):

@@ -13,11 +13,8 @@ from .sd_samplers_cfg_denoiser import CFGDenoiser
 
 
 class CFGDenoiserKDiffusion(CFGDenoiser):
-    @property
-    def inner_model(self):
-        if self.model_wrap is None:
-            self.model_wrap = shared.sd_model.create_denoiser()
-        return self.model_wrap
+    def create_wrap(self, model):
+        return model.create_denoiser()
 
 
 class Sampler:

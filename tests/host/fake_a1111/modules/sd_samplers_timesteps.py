@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from . import shared
 from .sd_samplers_cfg_denoiser import CFGDenoiser
 from .sd_samplers_kdiffusion import Sampler
 
@@ -13,11 +12,8 @@ FUNCTIONS = ("ddim", "ddim_cfgpp", "unipc", "plms")
 
 
 class CFGDenoiserTimesteps(CFGDenoiser):
-    @property
-    def inner_model(self):
-        if self.model_wrap is None:
-            self.model_wrap = shared.sd_model.create_eps_denoiser()
-        return self.model_wrap
+    def create_wrap(self, model):
+        return model.create_eps_denoiser()
 
 
 class CompVisSampler(Sampler):
