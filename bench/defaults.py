@@ -50,6 +50,15 @@ def candidates(steps: int) -> dict[str, EngineSettings]:
         "morphology_open": dataclasses.replace(paper, morphology=Morphology.OPEN),
         "morphology_close": dataclasses.replace(paper, morphology=Morphology.CLOSE),
     }
+    # cheaper refinement (issue #11): fewer iterations, plain or with a larger step or with momentum
+    for n in (0, 1, 2, 3, 5, 10):
+        fewer = dataclasses.replace(paper.schedule, refine_iterations=n)
+        out[f"refine_{n}"] = dataclasses.replace(paper, schedule=fewer)
+        if n >= 3:
+            out[f"refine_{n}_momentum_0.9"] = dataclasses.replace(paper, schedule=fewer, momentum=0.9)
+            scale = paper.schedule.refine_iterations / n
+            out[f"refine_{n}_step_{paper.step_size * scale:.0f}"] = dataclasses.replace(
+                paper, schedule=fewer, step_size=paper.step_size * scale)
     return out
 
 
@@ -64,11 +73,14 @@ def sweep(names: list[str], seeds: int, samplers: tuple[str, ...], steps: int, o
             for sampler in samplers:
                 for name in names:
                     t0 = time.perf_counter()
+                    seen = []
                     r = run(model, task, "clora", seed, steps=steps, sampler=sampler, settings=settings[name],
-                            concepts=concepts)
+                            concepts=concepts, on_step=lambda i, engine: seen.append(engine.records[-1]))
                     row = {"candidate": name, "prompt": task.prompt, "seed": seed, "sampler": sampler,
                            "verdict": {k: bool(v) for k, v in r.verdict.items()}, "passes": r.gradient_passes,
-                           "mask_iou": r.mask_iou, "seconds": round(time.perf_counter() - t0, 3)}
+                           "mask_iou": r.mask_iou, "seconds": round(time.perf_counter() - t0, 3),
+                           # the contrastive loss of the maps each update step's prediction used
+                           "loss_after": {rec.step: round(rec.loss_after, 5) for rec in seen if rec.losses}}
                     out.write(json.dumps(row) + "\n")
                     out.flush()
 
@@ -85,6 +97,10 @@ def report(paths: list[str]) -> dict:
         entry = {"n": len(ok), "success": round(float(np.mean(ok)), 3), "success_ci": list(wilson(sum(ok), len(ok))),
                  "gradient_passes": round(float(np.mean([c["passes"] for c in cells.values()])), 1),
                  "mask_iou": round(float(np.mean([v for c in cells.values() for v in c["mask_iou"]] or [0])), 3)}
+        losses = [c["loss_after"] for c in cells.values() if c.get("loss_after")]
+        if losses:  # rows written before the losses were recorded have none
+            entry["loss_update_steps"] = round(float(np.mean([np.mean(list(l.values())) for l in losses])), 4)
+            entry["loss_last_update"] = round(float(np.mean([l[max(l, key=int)] for l in losses])), 4)
         shared = [k for k in cells if k in base]
         if name != PAPER and len(shared) > 1:
             diff = paired([float(cells[k]["verdict"]["success"]) - float(base[k]["verdict"]["success"]) for k in shared])
@@ -94,11 +110,13 @@ def report(paths: list[str]) -> dict:
 
 
 def format_report(table: dict) -> str:
-    lines = ["| candidate | n | success | minus paper | gradient passes | mask IoU |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| candidate | n | success | minus paper | gradient passes | mask IoU | loss: update steps, last |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, e in table.items():
         diff = f"{e['minus_paper']:+.3f} [{e['minus_paper_ci'][0]:+.3f}, {e['minus_paper_ci'][1]:+.3f}]" if "minus_paper" in e else "-"
         lines.append(f"| {name} | {e['n']} | {e['success']:.3f} [{e['success_ci'][0]:.2f}, {e['success_ci'][1]:.2f}] | "
-                     f"{diff} | {e['gradient_passes']:.1f} | {e['mask_iou']:.3f} |")
+                     f"{diff} | {e['gradient_passes']:.1f} | {e['mask_iou']:.3f} | "
+                     f"{e.get('loss_update_steps', '-')}, {e.get('loss_last_update', '-')} |")
     return "\n".join(lines)
 
 

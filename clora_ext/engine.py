@@ -100,6 +100,11 @@ def row_groups(model: RowModel, layout: RowLayout) -> list[torch.Tensor]:
     return groups if groups else [torch.arange(len(layout), device=layout.image.device)]
 
 
+def map_structure(specs: Sequence[TokenMapSpec]) -> tuple:
+    """What images must share to run in one step: each map's variant, concept and mask flag."""
+    return tuple((s.variant, s.concept, s.mask) for s in specs)
+
+
 @dataclass(frozen=True)
 class LoRAUse:
     """One LoRA applied to a variant's rows."""
@@ -116,6 +121,9 @@ class EngineSettings:
     # stop refining once the loss improves by less than this (relative); None: the paper's fixed count,
     # the default: a 1 % tolerance lost 0.42 [0.13, 0.71] of the successes in bench.defaults (docs/quality.md)
     refine_tolerance: float | None = None
+    # heavy-ball momentum of the latent update within one sampling step's iterations (reset every
+    # step, so it acts on refinement only); 0 is the paper's plain gradient step
+    momentum: float = 0.0
     tau: float = DEFAULT_TAU
     mask_threshold: float = 0.4
     morphology: Morphology = Morphology.NONE
@@ -270,21 +278,35 @@ class CLoRAEngine:
 
     @property
     def token_maps(self) -> list[TokenMapSpec]:
+        """The token maps (of the first image, when images have their own positions)."""
         return self._token_maps
 
     @token_maps.setter
     def token_maps(self, specs: Sequence[TokenMapSpec]) -> None:
-        """Replace the token maps (e.g. at a prompt-editing boundary)."""
-        specs = list(specs)
+        """Replace the token maps, the same for every image (e.g. at a prompt-editing boundary)."""
+        self.set_token_maps([specs])
+
+    def set_token_maps(self, per_image: Sequence[Sequence[TokenMapSpec]]) -> None:
+        """Token maps per image of the batch the next steps run (one list: the same for every image).
+
+        The images share one UNet call, so their maps must agree in everything but the token
+        position (variant, concept and mask flag of each map, in order): prompts that differ
+        in wording around the same subjects.
+        """
+        per_image = [list(specs) for specs in per_image]
+        specs = per_image[0] if per_image else []
         if not specs:
             raise ValueError("CLoRA needs at least one subject token map")
         if any(not 0 <= s.variant < self.n_variants for s in specs):
             raise ValueError("a token map names a variant that has no LoRA list")
+        structure = map_structure(specs)
+        if any(map_structure(other) != structure for other in per_image[1:]):
+            raise ValueError("images of one CLoRA step must have token maps of the same structure")
         self._token_maps = specs
         self._labels = torch.tensor([s.concept for s in specs], dtype=torch.long)
         self._map_variant = torch.tensor([s.variant for s in specs], dtype=torch.long)
         self._map_is_mask = torch.tensor([s.mask for s in specs], dtype=torch.bool)
-        self._map_position = torch.tensor([s.position for s in specs], dtype=torch.long)
+        self._map_position = torch.tensor([[s.position for s in image] for image in per_image], dtype=torch.long)
         self._n_concepts = len(set(self._labels.tolist()))
 
     def warn_once(self, key: str, message: str) -> None:
@@ -321,6 +343,7 @@ class CLoRAEngine:
         active = torch.arange(x.shape[0], device=x.device)
         previous_loss: dict[int, float] = {}
         previous_x = x.detach().clone() if tolerance is not None else None
+        velocity = torch.zeros_like(x, dtype=torch.float32) if self.settings.momentum else None
         for i in range(iterations):
             if i > 0:
                 self.hooks.on_refine(i, iterations - 1)
@@ -364,6 +387,9 @@ class CLoRAEngine:
                 return
             if region is not None:
                 grad = grad * (region if region.dim() < 4 or region.shape[0] == 1 else region.index_select(0, active))
+            if velocity is not None:
+                grad = velocity.index_select(0, active).mul_(self.settings.momentum).add_(grad)
+                velocity.index_copy_(0, active, grad)
             images = active.tolist()
             if previous_x is not None:
                 previous_x[active] = x[active]
@@ -528,7 +554,12 @@ class CLoRAEngine:
         image = torch.arange(images).repeat_interleave(maps)
         variant = self._map_variant.repeat(images)
         rows = image * variants + variant  # cond rows come first in every layout
-        cols = self._map_position.repeat(images)
+        positions = self._map_position
+        if len(positions) == 1:
+            positions = positions.expand(images, -1)
+        elif len(positions) != images:
+            raise ValueError(f"token maps were set for {len(positions)} images, the step has {images}")
+        cols = positions.reshape(-1)
         return CaptureRequest(
             rows=rows.to(x.device), cols=cols.to(x.device), map_hw=map_size(tuple(x.shape[-2:])), grad=grad, stop_early=grad
         )

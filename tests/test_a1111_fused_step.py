@@ -21,7 +21,7 @@ from clora_ext.routing import LowRankDelta
 from clora_ext.tokens import BPEChunkTokenizer, plan_token_maps
 from clora_ext.update import Schedule
 
-PROMPTS = ["a cat and a dog", "a dog chasing a cat"]  # different token positions: two engine groups
+PROMPTS = ["a cat and a dog", "a dog chasing a cat"]  # the same subjects at different token positions
 SETTINGS = EngineSettings(schedule=Schedule(refine_iterations=1), refine_tolerance=None)
 
 
@@ -101,6 +101,24 @@ def test_batch_of_two_prompts_equals_each_image_alone(request, clip_bpe, sdxl):
         assert torch.allclose(xi, x[i : i + 1], atol=1e-4)
         assert torch.allclose(alone[0], fused[i], atol=1e-3)  # cond row
         assert torch.allclose(alone[1], fused[2 + i], atol=1e-3)  # uncond row
+
+
+def test_images_whose_maps_differ_only_in_position_share_each_model_call(tiny_unet, clip_bpe):
+    calls = []
+
+    class Recording(HostLikeDenoiser):
+        def forward(self, x, sigma, cond):
+            calls.append(x.shape[0])
+            return super().forward(x, sigma, cond)
+
+    engine, _, maps = _setup(tiny_unet, clip_bpe, False, [0, 1])
+    assert [s.position for s in maps[0]] != [s.position for s in maps[1]]
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6)) * 3
+    _run(tiny_unet, clip_bpe, False, [0, 1], x, torch.tensor([3.0, 3.0]), inner=Recording(tiny_unet, False))
+    # refinement 1 at step 0: two gradient passes over both images' 3 cond rows, one fused pass of all 12 rows
+    assert calls == [6, 6, 12]
+    with pytest.raises(ValueError, match="same structure"):
+        engine.set_token_maps([maps[0], maps[0][:-1]])
 
 
 def test_no_update_leaves_the_latent_and_the_proxy_serves_host_rows(tiny_unet, clip_bpe):

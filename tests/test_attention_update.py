@@ -147,3 +147,37 @@ def test_one_update_lowers_the_loss_on_the_tiny_model(tiny_unet):
         after, _ = engine.loss_and_gradient(x, row_model)
     assert after < before, (before, after)
     assert engine.records[0].iterations == 1
+
+
+def test_momentum_carries_the_previous_updates_within_a_step(tiny_unet):
+    """With momentum beta the k-th update is the gradient plus beta times the previous update
+    (heavy ball), recomputed here by hand from single gradient passes; the step's first update
+    is the plain gradient step, so regular (one-update) steps are the paper's."""
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    gen = torch.Generator().manual_seed(3)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    sigma = torch.tensor([2.0])
+    c_in = float((sigma**2 + 1) ** -0.5)
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * c_in, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    beta, alpha = 0.9, 20.0
+    scale = float(sigma**2 + 1)
+    schedule = Schedule(update_fraction=1.0, refine_at=(0.0,), refine_iterations=2)
+    x0 = torch.randn(1, 4, 16, 16, generator=gen) * 2.0
+    settings = EngineSettings(step_size=alpha, schedule=schedule, momentum=beta)
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, settings) as engine:
+        x = x0.clone()
+        engine.step(x, 0, 10, SigmaSpace(sigma), row_model)
+        assert engine.records[0].iterations == 3
+        expected, velocity = x0.clone(), torch.zeros_like(x0)
+        for _ in range(3):
+            _, grad = engine.loss_and_gradient(expected, row_model)
+            velocity = beta * velocity + grad
+            expected = expected - alpha * scale * velocity
+        plain = x0.clone()
+        engine.settings = EngineSettings(step_size=alpha, schedule=schedule)
+        engine.step(plain, 0, 10, SigmaSpace(sigma), row_model)
+    torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-5)
+    assert (x - plain).abs().max() > 1e-3  # momentum changed the refinement

@@ -19,7 +19,7 @@ import torch
 
 from ..concepts import Composition, PhraseNotFound, Variant
 from ..conditioning import ConditioningTable
-from ..engine import CLoRAEngine, RowLayout, StepOutput
+from ..engine import CLoRAEngine, RowLayout, StepOutput, map_structure
 from ..tokens import TokenMapSpec, plan_token_maps
 from ..update import DDPMSpace, SigmaSpace
 
@@ -214,20 +214,20 @@ def fused_step(
     ``inner(x, sigma, cond=...)`` is the host's inner model (x0 or eps prediction);
     ``table`` holds every (uncond, variant, image) cond row at this step, each at its
     own token length (rows of different lengths are run in separate calls, as the host does); ``maps[b]``
-    are image b's token maps. Images with equal token maps share one engine step
-    (one batched UNet call); a group that is not the whole batch is updated on a
+    are image b's token maps. Images whose token maps differ at most in positions share
+    one engine step (one batched UNet call); a group that is not the whole batch is updated on a
     copy that is written back into ``x``, so ``x`` is always updated in place.
     ``update_region`` (the host's inpaint mask: 1 where it repaints; one for the batch or
     one per image) confines the latent update.
     """
     fused_cond = fused_uncond = None
-    for group in group_images(maps):
+    for group in group_images([map_structure(m) for m in maps]):
         ids = torch.tensor(group, device=x.device)
         whole = group == list(range(x.shape[0]))
         xg = x if whole else x.index_select(0, ids)
 
         row_model = HostRowModel(inner, rows, table, ids, sigma, image_cond)
-        engine.token_maps = maps[group[0]]
+        engine.set_token_maps([maps[b] for b in group])
         space = SigmaSpace(sigma.index_select(0, ids)) if k_diffusion else DDPMSpace()
         region = update_region
         if region is not None:
