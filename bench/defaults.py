@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 import numpy as np
@@ -67,11 +68,17 @@ def sweep(names: list[str], seeds: int, samplers: tuple[str, ...], steps: int, o
     model = load_model()
     settings = candidates(steps)
     items = [(t, s) for t, s in suites(False)["two"] if s < seeds]
+    done = set()
+    if os.path.exists(out_path):  # a stopped sweep goes on where it stopped
+        rows = [json.loads(line) for line in open(out_path) if line.strip()]
+        done = {(r["candidate"], r["prompt"], r["seed"], r["sampler"]) for r in rows}
     with open(out_path, "a") as out:
         for task, seed in items:
             concepts = task.concepts(model)
             for sampler in samplers:
                 for name in names:
+                    if (name, task.prompt, seed, sampler) in done:
+                        continue
                     t0 = time.perf_counter()
                     seen = []
                     r = run(model, task, "clora", seed, steps=steps, sampler=sampler, settings=settings[name],

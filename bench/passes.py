@@ -14,6 +14,8 @@ benchmark's fast attention:
   captured with a graph, and the gradient taken from it (the reference's stale
   prediction, which would make a separate gradient pass unnecessary at update steps
   that do not refine);
+* ``routing_setup``: installing and removing one fused pass's routing hooks, without
+  running the model (what a routing table cached per row layout would save per call);
 * ``reference_round``: one refinement iteration of configuration (b): K+1 sequential
   batch-2 calls with explicit attention everywhere and autograd, then the backward;
   ``reference_forward``: the same without the backward (b's non-update step);
@@ -134,6 +136,11 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
                 loss = engine._image_losses(maps).sum()
                 torch.autograd.grad(loss, leaf)
 
+        def routing_setup() -> None:
+            """What caching the routing per row layout could save: set-up and removal of one fused pass's hooks."""
+            with engine.router.routed(engine._routes(all_rows), len(all_rows)):
+                pass
+
         recorder = MapRecorder(map_size(hw)[0] * map_size(hw)[1])
         ref_router = RowRouter(unet)
         ref_routes = [[Route(u.deltas, [0, 1], u.multiplier, u.name) for u in uses] for uses in unet_loras]
@@ -159,6 +166,7 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
                     "grad": grad,
                     "grad_nostop": lambda: custom_gradient(cond_rows, False),
                     "fused_grad": lambda: custom_gradient(all_rows, False),
+                    "routing_setup": routing_setup,
                 },
                 repeat,
             )

@@ -68,7 +68,7 @@ class BenchOptions:
     loras: tuple[int, ...] = (2, 8)
     configs: str = "abcd"
     b_max_loras: int = 2  # (b) is skipped above this LoRA count (its cost explodes)
-    refine_iterations: int | None = None  # None: the shipped default (the paper's 20, at any step count)
+    refine_iterations: int | None = None  # None: the shipped default (5; the paper: 20), at any step count
     refine_tolerance: float | None = EngineSettings.refine_tolerance  # None: fixed refine count in (d)
     rank: int = 16
     seed: int = 0
@@ -414,6 +414,9 @@ def run_b(opts: BenchOptions, setup: Setup, n: int) -> Measured:
             "backward_seconds": stats.backward_seconds,
             "refine_rounds": stats.refine_rounds,
             "refine_seconds": stats.refine_seconds,
+            # the loss at b's last gradient pass (b's maps average the cond and uncond rows, so this is
+            # close to, not the same quantity as, d's loss_after_last_update_step)
+            "loss_at_last_gradient_pass": stats.losses[-1] if stats.losses else None,
         }
 
     return _measure(opts, setup.device, body)

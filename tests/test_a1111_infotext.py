@@ -66,5 +66,9 @@ def test_entries_of_older_versions_keep_the_defaults_they_were_made_with():
     old = infotext.load(json.dumps({"version": "0.1.0", "concepts": concepts}))
     assert old.refine_tolerance == 0.01  # 0.1.0 stopped refining at a 1 % improvement by default
     assert infotext.load(json.dumps({"version": "0.1.0", "concepts": concepts, "refine_tolerance": 0.05})).refine_tolerance == 0.05
+    assert old.refine_iterations == 20
+    before_04 = infotext.load(json.dumps({"version": "0.3.0", "concepts": concepts}))
+    assert before_04.refine_iterations == 20 and before_04.refine_tolerance == 0.0  # 0.3.0 refined 20 times
     current = infotext.load(json.dumps({"version": VERSION, "concepts": concepts}))
     assert current.refine_tolerance == 0.0 and current.engine_settings().refine_tolerance is None
+    assert current.refine_iterations == 5

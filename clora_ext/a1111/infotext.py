@@ -16,7 +16,7 @@ KEY = "CLoRA"
 _META = ("version", "notes")
 # defaults that changed: (the first version with the new default, the old defaults); an entry
 # written before that version left the old default out, so it is put back when read
-CHANGED_DEFAULTS = (("0.2.0", {"refine_tolerance": 0.01}),)
+CHANGED_DEFAULTS = (("0.2.0", {"refine_tolerance": 0.01}), ("0.4.0", {"refine_iterations": 20}))
 
 
 def _version(text: Any) -> tuple[int, ...]:
