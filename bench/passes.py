@@ -69,9 +69,6 @@ def _round_robin(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str,
     }
 
 
-def _gradient(engine: CLoRAEngine) -> Callable:
-    """The engine's one-gradient-pass entry point (public since the engine grew ``differentiable_loss``)."""
-    return getattr(engine, "loss_and_gradient", None) or engine._loss_and_gradient
 
 
 def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, object]:

@@ -105,13 +105,15 @@ class AttentionCapture:
             self._projections.clear()
 
     def maps(self) -> torch.Tensor:
-        """Captured maps (P, h, w), row-major, averaged over heads and layers."""
+        """Captured maps (P, h, w), row-major, averaged over heads and layers; taken once per pass (the
+        capture lets go of them, so that a gradient pass's graph does not outlive the pass)."""
         if self._sum is None or not self.layers:
             raise RuntimeError(
                 "no cross-attention layer of the expected size ran; is the latent size consistent with the model?"
             )
         h, w = self._last_hw
-        return (self._sum / len(self.layers)).reshape(-1, h, w)
+        total, self._sum = self._sum, None
+        return (total / len(self.layers)).reshape(-1, h, w)
 
     # -- hooks --------------------------------------------------------------------------
     def _projection_hook(self, name: str, proj: str):

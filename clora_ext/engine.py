@@ -83,6 +83,9 @@ class RowModel(Protocol):
         """Run the model on rows ``x`` (R, C, H, W) described by ``layout``; return (R, C, H, W)."""
 
 
+# differentiable_loss's gradient: (weights per image, keep the graph for another call) -> d(weights . losses)/dx
+Backward = Callable[[torch.Tensor, bool], torch.Tensor]
+
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
 
 
@@ -241,6 +244,7 @@ class CLoRAEngine:
         token_maps: Sequence[TokenMapSpec],
         settings: EngineSettings = EngineSettings(),
         hooks: EngineHooks | None = None,
+        functional_gradient: bool = False,
     ):
         self.unet = unet
         self.variant_loras = [list(v) for v in variant_loras]
@@ -256,6 +260,8 @@ class CLoRAEngine:
         # fp16: the loss scale that last gave a finite, non-zero gradient (see _gradient)
         self.half = next(unet.parameters()).dtype == torch.float16
         self.loss_scale = 1.0
+        # gradient passes through torch.func instead of autograd (see differentiable_loss)
+        self.functional_gradient = functional_gradient
         self._warned: set[str] = set()
         self.token_maps = token_maps
 
@@ -350,7 +356,7 @@ class CLoRAEngine:
             if self.hooks.interrupted():
                 return
             try:
-                with self.differentiable_loss(x.index_select(0, active), model) as (losses_t, leaf):
+                with self.differentiable_loss(x.index_select(0, active), model) as (losses_t, backward):
                     losses = losses_t.detach().float().cpu().tolist()
                     if not all(math.isfinite(v) for v in losses):
                         self.warn_once("nonfinite", "CLoRA: non-finite loss or gradient; that latent update was skipped")
@@ -372,7 +378,9 @@ class CLoRAEngine:
                     if not keep:
                         return
                     kept = torch.tensor(keep, device=x.device)
-                    grad = self._gradient(losses_t.index_select(0, kept).sum(), leaf)
+                    weights = torch.zeros_like(losses_t)
+                    weights[kept] = 1.0
+                    grad = self._gradient(backward, weights, float(losses_t.index_select(0, kept).sum()))
             except OUT_OF_MEMORY:  # in the backward pass (the forward retries in halves)
                 self.updates_enabled = False
                 self.warn_once("oom", "CLoRA: out of memory in the gradient pass; latent updates skipped for this image")
@@ -401,21 +409,20 @@ class CLoRAEngine:
                 record.image_updates[b] = record.image_updates.get(b, 0) + 1
             record.iterations += 1
 
-    def _gradient(self, loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
-        """d loss / d leaf (float32). On an fp16 model a gradient that flushes to zero in the half-precision
-        activations is computed again with the loss scaled up, one that overflows with it scaled down
-        (the graph is kept for those retries); the scale that worked is kept for the next pass."""
+    def _gradient(self, backward: "Backward", weights: torch.Tensor, loss: float) -> torch.Tensor:
+        """d(sum of ``weights`` * losses) / d x (float32). On an fp16 model a gradient that flushes to zero
+        in the half-precision activations is computed again with the loss scaled up, one that overflows
+        with it scaled down (the graph is kept for those retries); the scale that worked is kept for the
+        next pass. ``loss``: the weighted loss's value, to tell a zero gradient from a flat loss."""
         if not self.half:
-            (grad,) = torch.autograd.grad(loss, leaf)
-            return grad
+            return backward(weights, False).float()
         scale = self.loss_scale
         for attempt in range(LOSS_SCALE_TRIES):
             last = attempt == LOSS_SCALE_TRIES - 1
-            (grad,) = torch.autograd.grad(loss * scale, leaf, retain_graph=not last)
-            grad = grad.float() / scale
+            grad = backward(weights * scale, not last).float() / scale
             if not torch.isfinite(grad).all():
                 scale /= LOSS_SCALE_FACTOR
-            elif not grad.any() and float(loss.detach()) != 0:
+            elif not grad.any() and loss != 0:
                 scale *= LOSS_SCALE_FACTOR
             else:
                 self.loss_scale = scale
@@ -423,25 +430,44 @@ class CLoRAEngine:
         return grad
 
     @contextlib.contextmanager
-    def differentiable_loss(self, x: torch.Tensor, model: RowModel) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Each image's contrastive loss (B,) at latent ``x`` with its graph, and the leaf to differentiate against.
+    def differentiable_loss(self, x: torch.Tensor, model: RowModel) -> Iterator[tuple[torch.Tensor, "Backward"]]:
+        """Each image's contrastive loss (B,) at latent ``x`` (detached) and ``backward(weights, retain)``:
+        the gradient of sum(weights * losses) w.r.t. ``x``, callable again while ``retain`` was True.
 
-        One gradient pass: the B*V cond rows only, stopped after the last H/32 layer.
+        One gradient pass: the B*V cond rows only, stopped after the last H/32 layer. With
+        ``functional_gradient`` the pass runs under ``torch.func`` (vjp of the functionalised
+        forward): hosts that sample in inference mode with inference-tensor weights and
+        in-place residuals (the Forge family) allow no autograd graph, and this needs neither
+        a graph on the weights nor a copy of them.
         """
         images = x.shape[0]
         layout = RowLayout.build(images, self.n_variants, with_uncond=False, device=x.device)
-        with torch.enable_grad(), gradient_ready(self.unet):
-            leaf = x.detach().requires_grad_(True)
-            request = self._request(layout, x, grad=True)
-            _, maps = self._run(model, leaf.index_select(0, layout.image), layout, request)
-            maps = maps.reshape(images, len(self._token_maps), *request.map_hw)
-            yield self._image_losses(maps), leaf
+
+        def losses_at(z: torch.Tensor) -> torch.Tensor:
+            request = self._request(layout, z, grad=True)
+            _, maps = self._run(model, z.index_select(0, layout.image), layout, request)
+            return self._image_losses(maps.reshape(images, len(self._token_maps), *request.map_hw))
+
+        with gradient_ready(self.unet):
+            if self.functional_gradient:
+                losses, vjp = torch.func.vjp(torch.func.functionalize(losses_at), x.clone())
+                yield losses.detach(), lambda weights, retain: vjp(weights.to(losses.dtype))[0]
+                return
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_(True)
+                losses = losses_at(leaf)
+
+                def backward(weights: torch.Tensor, retain: bool) -> torch.Tensor:
+                    (grad,) = torch.autograd.grad((losses * weights.to(losses.dtype)).sum(), leaf, retain_graph=retain)
+                    return grad
+
+                yield losses.detach(), backward
 
     def loss_and_gradient(self, x: torch.Tensor, model: RowModel) -> tuple[float, torch.Tensor]:
         """The contrastive loss at latent ``x``, summed over its images, and its gradient (one gradient pass)."""
-        with self.differentiable_loss(x, model) as (losses, leaf):
-            (grad,) = torch.autograd.grad(losses.sum(), leaf)
-        return float(losses.detach().sum()), grad.detach()
+        with self.differentiable_loss(x, model) as (losses, backward):
+            grad = backward(torch.ones_like(losses), False)
+        return float(losses.sum()), grad.detach()
 
     def _fused_pass(self, x: torch.Tensor, step: int, total_steps: int, model: RowModel, record: StepRecord) -> StepOutput:
         images = x.shape[0]

@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .routing import Delta, LowRankDelta
+from .routing import Delta, LowRankDelta, routable
 
 
 class LoRAFileError(ValueError):
@@ -201,7 +201,7 @@ def _lora_targets(root: nn.Module, prefix: str, diffusers_names: bool, num_res_b
     """Flat LoRA key -> module name, for every Linear/Conv2d under ``root``."""
     keys: dict[str, str] = {}
     for name, module in root.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not routable(module):
             continue
         keys[_flat(prefix, name)] = name
         if diffusers_names:

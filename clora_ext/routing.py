@@ -23,6 +23,15 @@ def _conv_args(module: nn.Module) -> dict:
     return {"stride": module.stride, "padding": module.padding, "dilation": module.dilation, "groups": module.groups}
 
 
+def routable(module: nn.Module) -> bool:
+    """A layer a delta can be routed through: a Conv2d, or a Linear (torch's, or a host's own
+    Linear class with a 2-D weight, as the Forge backends have, which does not subclass torch's)."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(module, nn.Embedding)
+
+
 @dataclass
 class LowRankDelta:
     """W' = W + scale * up @ (mid) @ down for a Linear or Conv2d (kohya LoRA / LoCon, PEFT).
@@ -254,7 +263,7 @@ class RowRouter:
             rows_on: dict[torch.device, torch.Tensor] = {}  # one index tensor per device, not per module
             for name, delta in route.deltas.items():
                 module = self._modules.get(name)
-                if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                if module is None or not routable(module):
                     raise KeyError(f"LoRA {route.name!r} targets {name!r}, which is not a Linear/Conv2d of this model")
                 weight = module.weight
                 if weight.device not in rows_on:

@@ -121,7 +121,7 @@ def test_schedule_scales_with_step_count():
     s = Schedule()
     assert [i for i in range(50) if s.iterations_at(i, 50) > 1] == [0, 10, 20]
     assert [i for i in range(50) if s.updates_at(i, 50)] == list(range(25))
-    assert s.iterations_at(0, 50) == 21 and s.iterations_at(1, 50) == 1 and s.iterations_at(25, 50) == 0
+    assert s.iterations_at(0, 50) == 6 and s.iterations_at(1, 50) == 1 and s.iterations_at(25, 50) == 0
     s20 = Schedule(refine_iterations=8)
     assert [i for i in range(20) if s20.iterations_at(i, 20) > 1] == [0, 4, 8]
     assert [i for i in range(20) if s20.updates_at(i, 20)] == list(range(10))
@@ -181,3 +181,41 @@ def test_momentum_carries_the_previous_updates_within_a_step(tiny_unet):
         engine.step(plain, 0, 10, SigmaSpace(sigma), row_model)
     torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-5)
     assert (x - plain).abs().max() > 1e-3  # momentum changed the refinement
+
+
+def test_functional_gradient_runs_on_inference_tensors_and_equals_autograd(tiny_unet):
+    """The Forge family samples in inference mode with inference-tensor weights, which autograd
+    refuses to save for backward; the functional gradient pass (torch.func) gives the same update
+    there, without a graph on the weights and without copying them."""
+    import copy
+
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    gen = torch.Generator().manual_seed(5)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    x0 = torch.randn(1, 4, 16, 16, generator=gen) * 2.0
+    sigma = torch.tensor([2.0])
+    settings = EngineSettings(schedule=Schedule(update_fraction=1.0, refine_at=(0.0,), refine_iterations=1))
+
+    def row_model_of(unet, context):
+        def row_model(x_rows, layout: RowLayout):
+            return unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=context[layout.variant])
+        return row_model
+
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, settings) as engine:
+        expected = x0.clone()
+        engine.step(expected, 0, 10, SigmaSpace(sigma), row_model_of(tiny_unet, ctx))
+
+    with torch.inference_mode():
+        twin = copy.deepcopy(tiny_unet)
+        twin_ctx, x = ctx.clone(), x0.clone()
+    assert next(twin.parameters()).is_inference() and x.is_inference()
+    with torch.inference_mode():
+        with CLoRAEngine(twin, [[], [], []], specs, settings) as engine:
+            # autograd: inside inference mode nothing requires grad; outside, inference weights cannot be saved
+            with pytest.raises(RuntimeError, match="does not require grad|Inference tensors"):
+                engine.step(x.clone(), 0, 10, SigmaSpace(sigma), row_model_of(twin, twin_ctx))
+        with CLoRAEngine(twin, [[], [], []], specs, settings, functional_gradient=True) as engine:
+            engine.step(x, 0, 10, SigmaSpace(sigma), row_model_of(twin, twin_ctx))
+            assert engine.records[0].iterations == 2
+    assert not torch.equal(x, x0)
+    torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-5)

@@ -133,6 +133,33 @@ def test_tiled_rows_follow_their_image():
     assert torch.allclose(out[3:], plain[3:] + x[3:], atol=1e-6)
 
 
+class HostLinear(nn.Module):
+    """A host's own Linear that is not torch's (the Forge backends' operations.Linear)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in))
+        self.bias = nn.Parameter(torch.randn(n_out))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_hosts_own_linear_layers_are_routed_and_embeddings_are_not():
+    lin = HostLinear(4, 3)
+    root = nn.ModuleDict({"lin": lin, "emb": nn.Embedding(5, 4)})
+    delta = LowRankDelta(down=torch.randn(2, 4), up=torch.randn(3, 2), scale=0.5)
+    x = torch.randn(2, 4)
+    router = RowRouter(root)
+    with torch.no_grad(), router.routed([Route({"lin": delta}, [1], 1.0)], 2):
+        out = lin(x)
+    with torch.no_grad(), merged(root, {"lin": delta}):
+        expected = lin(x)
+    assert torch.equal(out[0], lin(x)[0].detach()) and torch.allclose(out[1], expected[1], atol=1e-6)
+    with pytest.raises(KeyError, match="not a Linear"):
+        router.set_routes([Route({"emb": delta}, [0], 1.0)], 2)
+
+
 def test_router_rejects_bad_rows_and_unknown_modules(loras, tiny_unet):
     router = RowRouter(tiny_unet)
     with pytest.raises(ValueError, match="outside"):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..lora_file import LoRAFileError, map_lora, read_lora_file
-from ..routing import Delta, HadamardDelta, KroneckerDelta, LazyDelta, LowRankDelta, Route, RowRouter
+from ..routing import Delta, HadamardDelta, KroneckerDelta, LazyDelta, LowRankDelta, Route, RowRouter, routable
 from . import host
 from .plan import CLoRARuntimeError, suggest_names
 
@@ -135,7 +135,7 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
             if id(module.target) not in names:
                 lora.te_network = net  # a text-encoder module: the host applies it while encoding
                 continue
-            if not isinstance(module.target, (nn.Linear, nn.Conv2d)):
+            if not routable(module.target):
                 lora.skipped += 1
                 continue
             lora.unet[names[id(module.target)]] = _cpu(_delta(module))
