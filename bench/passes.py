@@ -69,8 +69,6 @@ def _round_robin(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str,
     }
 
 
-
-
 def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, object]:
     import tempfile
 
