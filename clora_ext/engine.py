@@ -409,7 +409,7 @@ class CLoRAEngine:
                 record.image_updates[b] = record.image_updates.get(b, 0) + 1
             record.iterations += 1
 
-    def _gradient(self, backward: "Backward", weights: torch.Tensor, loss: float) -> torch.Tensor:
+    def _gradient(self, backward: Backward, weights: torch.Tensor, loss: float) -> torch.Tensor:
         """d(sum of ``weights`` * losses) / d x (float32). On an fp16 model a gradient that flushes to zero
         in the half-precision activations is computed again with the loss scaled up, one that overflows
         with it scaled down (the graph is kept for those retries); the scale that worked is kept for the
@@ -430,7 +430,7 @@ class CLoRAEngine:
         return grad
 
     @contextlib.contextmanager
-    def differentiable_loss(self, x: torch.Tensor, model: RowModel) -> Iterator[tuple[torch.Tensor, "Backward"]]:
+    def differentiable_loss(self, x: torch.Tensor, model: RowModel) -> Iterator[tuple[torch.Tensor, Backward]]:
         """Each image's contrastive loss (B,) at latent ``x`` (detached) and ``backward(weights, retain)``:
         the gradient of sum(weights * losses) w.r.t. ``x``, callable again while ``retain`` was True.
 
