@@ -64,11 +64,17 @@ class ConditioningTable:
     def __len__(self) -> int:
         return len(self.conds)
 
-    def row_groups(self, index: torch.Tensor) -> list[torch.Tensor]:
+    def row_groups(self, index: torch.Tensor | Sequence[int]) -> list[torch.Tensor]:
         """Positions in ``index`` (table rows of a call's rows) grouped by token length, shortest first."""
-        lengths = self.lengths[index.cpu()]
-        return [(lengths == n).nonzero().squeeze(1).to(index.device) for n in lengths.unique().tolist()]
+        rows = index.tolist() if isinstance(index, torch.Tensor) else list(index)
+        lengths = self.lengths.tolist()
+        groups: dict[int, list[int]] = {}
+        for position, row in enumerate(rows):
+            groups.setdefault(lengths[row], []).append(position)
+        device = index.device if isinstance(index, torch.Tensor) else None
+        return [torch.tensor(groups[n], dtype=torch.long, device=device) for n in sorted(groups)]
 
-    def select(self, index: torch.Tensor) -> Cond:
+    def select(self, index: torch.Tensor | Sequence[int]) -> Cond:
         """The stacked conds of table rows ``index`` (all of one token length)."""
-        return stack_conds([self.conds[i] for i in index.tolist()])
+        rows = index.tolist() if isinstance(index, torch.Tensor) else list(index)
+        return stack_conds([self.conds[i] for i in rows])

@@ -20,3 +20,13 @@ def test_older_hosts_are_refused_with_the_supported_range():
     assert "1.8.0 or newer" in reason and "v1.7.0" in reason and "1.10.1" in reason
     assert unsupported_reason("v1.8.0") is None and unsupported_reason("v1.10.1") is None
     assert unsupported_reason("<none>") is None  # a checkout without tags: the glue's own checks apply
+
+
+def test_forge_neo_is_served_and_other_forges_named():
+    from clora_ext.a1111.compat import forge_reason
+
+    assert forge_reason("neo", True, False) is None
+    assert "Forge Classic" in forge_reason("classic", False, True)
+    assert "reForge" in forge_reason("1.0.0v2-v1.10.1RC", False, True)
+    message = forge_reason("2.0.1v1.10.1", True, False)
+    assert "lllyasviel Forge 2.0.1v1.10.1" in message and "Forge Neo" in message and "\n" not in message

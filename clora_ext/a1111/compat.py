@@ -1,4 +1,8 @@
-"""Which hosts CLoRA runs on, decided when the host loads the extension.
+"""Which hosts CLoRA runs on, and which glue serves them, decided when the host loads the extension.
+
+AUTOMATIC1111 gets the A1111 glue (``clora_ext.a1111``), Forge Neo the Neo glue
+(``clora_ext.forge``); the other Forge-family hosts (lllyasviel Forge, reForge, Forge
+Classic) get one line naming what is supported, and no CLoRA script.
 
 The glue reads host options and modules that AUTOMATIC1111 added in 1.8.0 (``emphasis``,
 ``sd_samplers_cfg_denoiser``, the CFG denoiser's step counters), so an older host gets
@@ -7,6 +11,8 @@ one clear line at start instead of a traceback, and no CLoRA script.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import re
 
 MINIMUM = (1, 8, 0)
@@ -42,3 +48,39 @@ def host_reason() -> str | None:
     except ImportError:  # before 1.3 the host had no launch_utils
         return unsupported_reason("1.2")
     return unsupported_reason(launch_utils.git_tag())
+
+
+NEO = "neo"
+SUPPORTED_ALL = f"{SUPPORTED} and Forge Neo"
+
+
+def forge_reason(version: str | None, has_backend: bool, has_ldm_patched: bool) -> str | None:
+    """Why a Forge-family host cannot run CLoRA (None for Forge Neo). ``version``:
+    ``modules_forge.forge_version.version``; ``has_backend``/``has_ldm_patched``: which backend
+    package the host has (lllyasviel Forge 2.x and Neo: ``backend``; reForge, Classic and old
+    Forge 0.0.x: ``ldm_patched``)."""
+    if version == NEO:
+        return None
+    if version == "classic":
+        name = "Forge Classic"
+    elif has_ldm_patched:
+        name = "reForge or Forge 0.0.x"
+    elif has_backend:
+        name = "lllyasviel Forge"
+    else:
+        name = "an unknown Forge"
+    shown = f" {version}" if version else ""
+    return f"CLoRA runs on {SUPPORTED_ALL}; this host is {name}{shown}, not supported yet. The extension is not loaded."
+
+
+def host_glue() -> tuple[str, str | None]:
+    """("a1111" or "neo", why the running host cannot run CLoRA or None) (call from the entry script)."""
+    if importlib.util.find_spec("modules_forge") is None:
+        return "a1111", host_reason()
+    try:
+        version = str(importlib.import_module("modules_forge.forge_version").version)
+    except (ImportError, AttributeError):
+        version = None
+    has_backend = importlib.util.find_spec("backend") is not None
+    has_ldm_patched = importlib.util.find_spec("ldm_patched") is not None
+    return NEO, forge_reason(version, has_backend, has_ldm_patched)

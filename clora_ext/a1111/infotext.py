@@ -61,3 +61,19 @@ def paste_values(params: Mapping[str, Any]) -> list[Any] | None:
     except (ValueError, CLoRAArgsError) as e:  # json errors are ValueErrors too
         print(f"CLoRA: could not read the infotext entry ({e})")
         return None
+
+
+_pasted: dict = {}  # the last entry read, shared by all inputs: one paste parses it once
+
+
+def paste_field(index: int):
+    """Infotext paste for the UI input at ``index``: every input reads the one "CLoRA" entry."""
+
+    def paste(params: dict) -> Any:
+        key = params.get(KEY)
+        if "values" not in _pasted or _pasted["key"] != key:
+            _pasted.update(key=key, values=paste_values(params))
+        values = _pasted["values"] or [None] * POSITIONAL_LENGTH
+        return values[index]
+
+    return paste

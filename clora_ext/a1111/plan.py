@@ -122,8 +122,14 @@ class ProxyRows:
 
     def table_index(self, layout: RowLayout, image_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Row of each engine row in the conditioning table; ``image_ids`` maps a group's images to the batch's."""
-        image = layout.image if image_ids is None else image_ids.to(layout.image.device)[layout.image]
-        return (layout.uncond.long() * self.variants + layout.variant) * self.images + image
+        return torch.tensor(self.table_rows(layout, image_ids), dtype=torch.long, device=layout.image.device)
+
+    def table_rows(self, layout: RowLayout, image_ids: torch.Tensor | None = None) -> list[int]:
+        """``table_index`` as a list, computed in Python from the layout's values: inside a
+        ``torch.func`` gradient pass, tensors made there cannot be read back (``tolist``)."""
+        ids = None if image_ids is None else image_ids.tolist()
+        return [(int(u) * self.variants + v) * self.images + (i if ids is None else ids[i])
+                for i, v, u in zip(layout.image.tolist(), layout.variant.tolist(), layout.uncond.tolist())]
 
     def serve(self, start: int, count: int) -> torch.Tensor:
         """Fused rows for the host rows ``start .. start+count`` of one forward."""
@@ -181,15 +187,18 @@ class HostRowModel:
     sigma: torch.Tensor
     image_cond: torch.Tensor
 
-    def _table_index(self, layout: RowLayout) -> torch.Tensor:
-        return self.rows.table_index(layout, self.ids)
+    # index bookkeeping in Python lists: it also runs inside a torch.func gradient pass (Forge hosts)
+    def _table_rows(self, layout: RowLayout) -> list[int]:
+        return self.rows.table_rows(layout, self.ids)
 
     def row_groups(self, layout: RowLayout) -> list[torch.Tensor]:
-        return self.table.row_groups(self._table_index(layout))
+        return [g.to(layout.image.device) for g in self.table.row_groups(self._table_rows(layout))]
 
     def __call__(self, x_rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
-        images = self.ids[layout.image.to(self.ids.device)]
-        cond = make_condition(self.table.select(self._table_index(layout)), self.image_cond.index_select(0, images))
+        ids = self.ids.tolist()
+        images = torch.tensor([ids[i] for i in layout.image.tolist()], dtype=torch.long, device=self.sigma.device)
+        cond = make_condition(self.table.select(self._table_rows(layout)),
+                              self.image_cond.index_select(0, images.to(self.image_cond.device)))
         return self.inner(x_rows, self.sigma.index_select(0, images), cond=cond)
 
 

@@ -7,7 +7,6 @@ from typing import Any
 from modules import script_callbacks, scripts  # the script API itself: what every extension subclasses
 
 from . import infotext, runtime, ui
-from .params import POSITIONAL_LENGTH
 
 runtime.install()
 script_callbacks.on_ui_settings(ui.register_settings)
@@ -22,7 +21,7 @@ class CLoRAScript(scripts.Script):
 
     def ui(self, is_img2img: bool) -> list:
         inputs = ui.build(is_img2img)
-        self.infotext_fields = [(component, _paste(i)) for i, component in enumerate(inputs)]
+        self.infotext_fields = [(component, infotext.paste_field(i)) for i, component in enumerate(inputs)]
         self.paste_field_names = [infotext.KEY]
         return inputs
 
@@ -34,18 +33,3 @@ class CLoRAScript(scripts.Script):
         processed.images.extend(previews)
         processed.infotexts.extend([""] * len(previews))
 
-
-_pasted: dict = {}  # the last entry read, shared by all inputs: one paste parses it once
-
-
-def _paste(index: int):
-    """Infotext paste for the input at ``index``: every input reads the one "CLoRA" entry."""
-
-    def paste(params: dict) -> Any:
-        key = params.get(infotext.KEY)
-        if "values" not in _pasted or _pasted["key"] != key:
-            _pasted.update(key=key, values=infotext.paste_values(params))
-        values = _pasted["values"] or [None] * POSITIONAL_LENGTH
-        return values[index]
-
-    return paste

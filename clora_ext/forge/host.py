@@ -1,0 +1,193 @@
+"""Every access to Forge Neo's own internals (its ``backend`` package and the sampling objects
+it puts on ``p``), in one module: the Neo seam.
+
+What Neo keeps of AUTOMATIC1111's API (``shared.opts``, ``shared.state``, the Lora
+extension's listing, ``ui_components``, the script classes) is reached through
+``clora_ext.a1111.host`` as on A1111; this module holds what only Neo has: the
+UnetPatcher and its model options, KModel, the ``backend`` LoRA loader, the CLIP
+patcher and the text processing engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from modules import prompt_parser, sd_samplers_common, shared
+
+NEO = "neo"
+
+
+# -- which Forge -------------------------------------------------------------------------------
+
+
+def forge_version() -> str | None:
+    """``modules_forge.forge_version.version`` ("neo", "classic", "2.0.1v1.10.1", ...), or None."""
+    try:
+        return str(importlib.import_module("modules_forge.forge_version").version)
+    except (ImportError, AttributeError):
+        return None
+
+
+# -- the UNet patcher of one sampling pass ----------------------------------------------------------
+
+
+def unet_patcher(p: Any) -> Any:
+    """The UnetPatcher this sampling pass will use (reset by the host before every sampling)."""
+    return p.sd_model.forge_objects.unet
+
+
+def install_patcher(p: Any, wrapper: Callable, modifier: Callable) -> Any:
+    """A clone of the pass's UnetPatcher with CLoRA's unet function wrapper and conditioning modifier,
+    put back on ``p.sd_model.forge_objects``: it lives for this sampling only (the host resets
+    ``forge_objects`` from ``forge_objects_after_applying_lora`` before each sampling)."""
+    patcher = unet_patcher(p).clone()
+    patcher.set_model_unet_function_wrapper(wrapper)
+    patcher.add_conditioning_modifier(modifier)
+    p.sd_model.forge_objects.unet = patcher
+    return patcher
+
+
+def kmodel(patcher: Any) -> Any:
+    return patcher.model
+
+
+def diffusion_model(patcher: Any) -> torch.nn.Module:
+    return patcher.model.diffusion_model
+
+
+def apply_model(kmodel_: Any, model_options: dict, x: torch.Tensor, sigma: torch.Tensor,
+                context: torch.Tensor) -> torch.Tensor:
+    """KModel.apply_model on rows ``x`` at ``sigma`` with cross-attention ``context``: the x0 prediction."""
+    options = dict(model_options.get("transformer_options", {}))
+    options["cond_or_uncond"] = [0]
+    options["sigmas"] = sigma
+    return kmodel_.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+
+
+def sampling_sigmas(model_options: dict) -> torch.Tensor | None:
+    """The full sigma schedule of this sampling (set by the host's sampler)."""
+    return model_options.get("transformer_options", {}).get("sampling_sigmas")
+
+
+def is_k_diffusion(p: Any) -> bool:
+    """Neo converts its timestep samplers to sigma space too: the wrapper always sees x0 + sigma*eps."""
+    return True
+
+
+def sampler_function(p: Any) -> str | None:
+    func = getattr(getattr(p, "sampler", None), "funcname", None)
+    return getattr(func, "__name__", func)
+
+
+def is_hires_pass(p: Any) -> bool:
+    return bool(getattr(p, "is_hr_pass", False))
+
+
+# -- LoRA files through Neo's own loader -------------------------------------------------------------
+
+
+def load_lora_file(path: str) -> dict:
+    from backend.utils import load_torch_file
+
+    return load_torch_file(path, safe_load=True)
+
+
+def lora_patches(state_dict: dict, p: Any) -> tuple[dict, dict, int]:
+    """({UNet key: adapter}, {CLIP key: adapter}, unmatched count) by Neo's own key maps and ``load_lora``.
+    UNet keys are KModel state-dict keys (``diffusion_model.<module>.weight``)."""
+    from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
+
+    objects = p.sd_model.forge_objects
+    unet_map = model_lora_keys_unet(objects.unet.model, {})
+    clip_map = model_lora_keys_clip(objects.clip.cond_stage_model, {})
+    unet, rest = load_lora(dict(state_dict), unet_map)
+    clip, rest = load_lora(rest, clip_map)
+    return unet, clip, len(rest)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter of Neo's loader, read: ``kind`` "lora" with (up, down, alpha, mid, dora_scale), or the
+    adapter's class name; ``delta(weight)`` is the full weight delta at strength 1."""
+
+    kind: str
+    up: torch.Tensor | None
+    down: torch.Tensor | None
+    alpha: float | None
+    plain: bool
+    delta: Callable[[torch.Tensor], torch.Tensor]
+
+
+def read_adapter(key: str, adapter: Any) -> Adapter:
+    def delta(weight: torch.Tensor) -> torch.Tensor:
+        return adapter.calculate_weight(torch.zeros_like(weight), key, 1.0, 1.0, None, lambda a: a)
+
+    name = type(adapter).__name__
+    if name == "LoRAAdapter":
+        up, down, alpha, mid, dora_scale = adapter.weights[:5]
+        plain = mid is None and dora_scale is None and up.dim() == 2 and down.dim() == 2
+        return Adapter("lora", up, down, None if alpha is None else float(alpha), plain, delta)
+    return Adapter(name, None, None, None, False, delta)
+
+
+def model_parameter(p: Any, key: str) -> torch.Tensor:
+    return p.sd_model.forge_objects.unet.model.get_parameter(key)
+
+
+# -- text encoder ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def text_encoder_patches(p: Any, tag: str, patches: list[tuple[dict, float]]) -> Iterator[None]:
+    """The CLIP of ``p.sd_model`` with CLIP patches [(patches, strength)] added to a clone, for the
+    duration of the block (the host re-merges its weights from its backups when it is restored)."""
+    model = p.sd_model
+    original = model.forge_objects.clip
+    if not patches:
+        yield
+        return
+    clip = original.clone()
+    for i, (patch, strength) in enumerate(patches):
+        clip.add_patches(filename=f"{tag}#{i}", patches=patch, strength_patch=strength, online_mode=False)
+    model.forge_objects.clip = clip
+    try:
+        yield
+    finally:
+        model.forge_objects.clip = original
+
+
+def learned_conditioning(p: Any, texts: list[str], negative: bool, steps: int, hires_steps: int | None,
+                         width: int, height: int) -> list[list[tuple[int, Any]]]:
+    conditioning = prompt_parser.SdConditioning(texts, is_negative_prompt=negative, width=width, height=height)
+    scheduled = prompt_parser.get_learned_conditioning(p.sd_model, conditioning, steps, hires_steps,
+                                                       bool(getattr(shared.opts, "use_old_scheduling", False)))
+    return [[(int(c.end_at_step), c.cond) for c in schedule] for schedule in scheduled]
+
+
+def prompt_schedules(texts: list[str], steps: int, hires_steps: int | None) -> list[list[tuple[int, str]]]:
+    raw = prompt_parser.get_learned_conditioning_prompt_schedules(
+        texts, steps, hires_steps, bool(getattr(shared.opts, "use_old_scheduling", False)))
+    return [[(int(end), text) for end, text in schedule] for schedule in raw]
+
+
+def prompt_chunker(p: Any) -> Any:
+    """Neo's text processing engine (tokenize_line, id_start, id_end, id_pad)."""
+    return p.sd_model.text_processing_engine
+
+
+def model_family(p: Any) -> str:
+    model = p.sd_model
+    return "SD1" if getattr(model, "is_sd1", False) else type(model).__name__
+
+
+# -- interrupt -----------------------------------------------------------------------------------
+
+
+def raise_interrupted() -> None:
+    raise sd_samplers_common.InterruptedException

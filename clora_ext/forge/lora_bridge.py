@@ -1,0 +1,99 @@
+"""LoRAs through Forge Neo's own loader, read into the core's per-row deltas (host-facing).
+
+A file is parsed by Neo's ``load_lora`` with its own UNet and CLIP key maps (kohya,
+diffusers and PEFT names). UNet adapters become deltas for the core's RowRouter,
+keyed by module name in the diffusion model: plain LoRA stays low-rank, anything else
+is built by the adapter's own ``calculate_weight`` once per routed pass. CLIP adapters
+stay Neo's own objects: they are added to a clone of the CLIP patcher while a variant
+is encoded. The concept LoRAs are never applied to the UNet weights.
+Listing and lookup (``on_disk``) are the Lora extension's, shared with the A1111 glue.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..routing import Delta, LazyDelta, LowRankDelta
+from ..a1111 import host as webui
+from ..a1111.lora_bridge import on_disk
+from ..a1111.plan import CLoRARuntimeError
+from . import host
+
+PREFIX, SUFFIX = "diffusion_model.", ".weight"
+
+
+@dataclass
+class NeoLoRA:
+    name: str
+    path: str
+    mtime: float
+    unet: dict[str, Delta] = field(default_factory=dict)  # diffusion-model module name -> delta at strength 1
+    clip: dict = field(default_factory=dict)  # Neo's CLIP patches, for the CLIP patcher
+
+
+CACHE_SIZE = 8
+_cache: "OrderedDict[tuple, NeoLoRA]" = OrderedDict()
+
+
+def load(name: str, p: Any) -> NeoLoRA:
+    entry = on_disk(name)
+    path = webui.lora_path(entry)
+    mtime = os.path.getmtime(path)
+    model = p.sd_model
+    key = (name, path, mtime, id(model))
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    for old in [k for k in _cache if k[0] == name or k[3] != id(model)]:
+        del _cache[old]
+    _cache[key] = _load(name, path, mtime, p)
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return _cache[key]
+
+
+def _load(name: str, path: str, mtime: float, p: Any) -> NeoLoRA:
+    try:
+        state = host.load_lora_file(path)
+        unet, clip, unmatched = host.lora_patches(state, p)
+    except Exception as e:  # the host's reader
+        raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} cannot be read ({type(e).__name__}: {e}); is the file complete?") from None
+    if not unet and not clip:
+        raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} has no layer that matches the loaded model")
+    lora = NeoLoRA(name, path, mtime, clip=clip)
+    for key, adapter in unet.items():
+        if not (key.startswith(PREFIX) and key.endswith(SUFFIX)):
+            continue
+        module = key[len(PREFIX):-len(SUFFIX)]
+        weight = host.model_parameter(p, key)
+        lora.unet[module] = _delta(host.read_adapter(key, adapter), weight)
+    if unmatched:
+        print(f"CLoRA: LoRA {name!r}: {unmatched} key(s) match no layer of the loaded model and are left out")
+    return lora
+
+
+def _delta(adapter: host.Adapter, weight: torch.Tensor) -> Delta:
+    if adapter.kind == "lora" and adapter.plain and weight.dim() == 2:
+        down, up = adapter.down.detach(), adapter.up.detach()
+        if up.shape[0] == weight.shape[0] and down.shape[1] == weight.shape[1]:
+            scale = adapter.alpha / down.shape[0] if adapter.alpha is not None else 1.0
+            return LowRankDelta(down=down, up=up, scale=scale)
+    return LazyDelta(functools.partial(_dense, adapter, weight))
+
+
+def _dense(adapter: host.Adapter, weight: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return adapter.delta(weight).reshape(weight.shape), None
+
+
+def on_device(deltas: dict[str, Delta], device: torch.device, dtype: torch.dtype) -> dict[str, Delta]:
+    return {k: d if isinstance(d, LazyDelta) else d.to(device, dtype) for k, d in deltas.items()}
+
+
+def clear_cache() -> None:
+    _cache.clear()

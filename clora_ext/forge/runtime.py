@@ -1,0 +1,310 @@
+"""The CLoRA generation lifecycle on Forge Neo, through Neo's own extension points (host-facing).
+
+- ``begin`` (the script's ``process``): parse the arguments (the shared parameter model), check
+  the LoRAs, open the generation. As on A1111, an error cannot be raised there (the host logs
+  and swallows script exceptions); the generation carries it and its first model call fails
+  the request with 422.
+- ``before_sampling`` (the script's ``process_before_every_sampling``): a pass is built for
+  this sampling: variant plan, LoRA deltas (Neo's loader), variant encodings (each with its
+  LoRAs' CLIP patches on a clone of the CLIP patcher), token maps, and a *clone* of the
+  pass's UnetPatcher with
+  * a conditioning modifier, which receives the sampler's own x: it runs ``fused_step`` (the
+    shared A1111 step: latent update in place at scheduled steps through the engine's
+    functional gradient, one batched call over every variant row through
+    ``KModel.apply_model``, masks, fusion) and keeps the fused rows;
+  * a unet function wrapper, which serves those fused rows to the host in its own row order
+    (``cond_or_uncond``), so the host's CFG, callbacks and previews stay its own.
+  The clone is put back on ``p.sd_model.forge_objects`` and dies with the sampling (Neo
+  resets ``forge_objects`` before every sampling): nothing to undo in the host's patchers.
+  Hooks on the diffusion model's modules (map capture, per-row routing, interrupt checks)
+  are taken off when the pass closes (next pass, sampling error, or the host closing ``p``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..conditioning import ConditioningTable
+from ..engine import CLoRAEngine, EngineHooks, LoRAUse, update_summary
+from ..update import schedule_notes
+from ..a1111 import host as webui
+from ..a1111 import infotext, samplers
+from ..a1111.params import CLoRAArgs, CLoRAArgsError, parse_args
+from ..a1111.plan import (
+    ChunkedTokenizer,
+    CLoRARuntimeError,
+    ProxyRows,
+    fused_step,
+    pick_segment,
+    plan_variants,
+    token_map_schedule,
+)
+from ..a1111.previews import PreviewStore
+from ..a1111.runtime import _wants_clora, refused
+from ..a1111.settings import row_cap, settings_defaults
+from . import host, lora_bridge
+
+
+def begin(p: Any, args: Sequence[Any]) -> None:
+    generations.close_any()
+    try:
+        parsed = parse_args(args, settings_defaults())
+    except CLoRAArgsError as e:
+        if _wants_clora(args):
+            generations.open(p, None, e)
+        return
+    if not parsed.enabled:
+        return
+    if not parsed.concepts:
+        print("CLoRA: enabled without any concept row (subject + LoRA); nothing to do")
+        return
+    try:
+        if not (webui.is_txt2img(p) or webui.is_img2img(p)):
+            raise CLoRARuntimeError(f"CLoRA: {type(p).__name__} is neither txt2img nor img2img; CLoRA runs in those two")
+        for concept in parsed.concepts:
+            lora_bridge.on_disk(concept.lora)
+    except CLoRARuntimeError as e:
+        generations.open(p, None, e)
+        return
+    webui.set_generation_param(p, infotext.KEY, infotext.dump(parsed))
+    generations.open(p, parsed)
+
+
+def before_sampling(p: Any) -> None:
+    """``process_before_every_sampling``: set up this sampling's pass (nothing when CLoRA is off)."""
+    generation = generations.serving(p)
+    if generation is None:
+        return
+    generation.start_pass()
+
+
+def previews_of(p: Any) -> list:
+    generation = generations.serving(p)
+    if generation is None or generation.args is None or not generation.args.previews:
+        return []
+    return generation.previews.images()
+
+
+class Generations:
+    def __init__(self) -> None:
+        self._open: Generation | None = None
+
+    def open(self, p: Any, args: CLoRAArgs | None, error: Exception | None = None) -> "Generation":
+        self.close_any()
+        generation = Generation(p, args, error)
+        self._open = generation
+        webui.on_close(p, lambda: self.close_any(p))
+        return generation
+
+    def serving(self, p: Any) -> "Generation | None":
+        generation = self._open
+        return generation if generation is not None and p is not None and generation.p is p else None
+
+    def close_any(self, p: Any = None) -> None:
+        generation = self._open
+        if generation is None or (p is not None and generation.p is not p):
+            return
+        self._open = None
+        generation.close()
+
+
+generations = Generations()
+
+
+class Generation:
+    def __init__(self, p: Any, args: CLoRAArgs | None, error: Exception | None):
+        self.p = p
+        self.args = args
+        self.error = error
+        self.notes: list[str] = []
+        self.previews = PreviewStore()
+        self._pass: Pass | None = None
+
+    def note(self, message: str) -> None:
+        message = message.removeprefix("CLoRA: ")
+        if message in self.notes:
+            return
+        self.notes.append(message)
+        print(f"CLoRA: {message}")
+        webui.set_generation_param(self.p, infotext.KEY, infotext.dump(self.args, self.notes))
+
+    def start_pass(self) -> None:
+        self.close_pass()
+        if self.error is not None:  # fail the request at the first model call (pbes errors are swallowed)
+            host.install_patcher(self.p, _passthrough, self._refuse)
+            return
+        try:
+            self._pass = Pass(self)
+        except (CLoRARuntimeError, CLoRAArgsError) as e:
+            self.error = e
+            host.install_patcher(self.p, _passthrough, self._refuse)
+
+    def _refuse(self, *args: Any) -> tuple:
+        raise refused(self.error)
+
+    def close_pass(self) -> None:
+        if self._pass is not None:
+            self._pass.close()
+            self._pass = None
+
+    def close(self) -> None:
+        self.close_pass()
+
+
+def _passthrough(apply_model: Any, args: dict) -> torch.Tensor:
+    return apply_model(args["input"], args["timestep"], **args["c"])
+
+
+class Pass:
+    """One sampling (one batch, first pass or hires) on Neo."""
+
+    def __init__(self, generation: Generation):
+        p = generation.p
+        self.generation = generation
+        args = generation.args
+        facts = webui.pass_facts(p)
+        self.hires = facts.hires
+        composition = args.composition()
+        try:
+            self.plan = plan_variants(composition, facts.prompts, facts.negatives)
+        except ValueError as e:
+            raise CLoRARuntimeError(f"CLoRA: {e}") from None
+        if host.model_family(p) != "SD1":
+            raise CLoRARuntimeError(f"CLoRA on Forge Neo runs SD1.x checkpoints only so far; this one is {host.model_family(p)}")
+        self.loras = {c.lora: lora_bridge.load(c.lora, p) for c in args.concepts}
+        self.conds = _encode(p, self.plan, self.loras, facts)
+        self.cond_ends = [[end for end, _ in conds] for conds in self.conds]
+        tokenizer = ChunkedTokenizer(host.prompt_chunker(p))
+        self.token_maps = []
+        for variants in self.plan.variants:
+            schedules = host.prompt_schedules([v.prompt for v in variants], facts.steps, facts.hires_steps)
+            self.token_maps.append(token_map_schedule(composition, variants, tokenizer, schedules))
+        self.images = len(facts.prompts)
+        self.rows = ProxyRows(self.images, self.plan.n_variants)
+        sampler = samplers.support(host.sampler_function(p))
+        self.updates = not self.hires and sampler.updates
+        if self.hires:
+            generation.note("hires pass: masks and routing only, no latent updates")
+        elif not self.updates:
+            generation.note(f"sampler {facts.sampler_name!r} {sampler.reason}: masks and fusion only, no latent updates")
+        self.patcher = host.install_patcher(p, self.wrapper, self.modifier)
+        unet = host.diffusion_model(self.patcher)
+        param = next(unet.parameters())
+        deltas = {name: lora_bridge.on_device(lora.unet, param.device, param.dtype) for name, lora in self.loras.items()}
+        variant_loras = [[LoRAUse(name, deltas[name], weight) for name, weight in lora_set]
+                         for lora_set in self.plan.unet_loras]
+        hooks = EngineHooks(on_refine=_on_refine, interrupted=webui.interrupted, warn=generation.note)
+        self.engine = CLoRAEngine(unet, variant_loras, self.token_maps[0][0][1], args.engine_settings(), hooks,
+                                  functional_gradient=True)
+        self.engine.max_rows = row_cap(self.images * self.plan.n_variants)
+        self.engine.__enter__()
+        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+        self._stops = [block.register_forward_pre_hook(_stop_if_interrupted) for block in blocks]
+        self._fused: torch.Tensor | None = None
+        self._noted_schedule = False
+
+    # -- the conditioning modifier: the sampler's x, before the host's cond/uncond batch ----------
+    def modifier(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        try:
+            self._fused = self._step(model, x, timestep, model_options)
+        except (CLoRARuntimeError, CLoRAArgsError) as e:
+            self.generation.close_pass()
+            raise refused(e) from None
+        except BaseException:
+            self.generation.close_pass()
+            raise
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    def _step(self, model: Any, x: torch.Tensor, sigma: torch.Tensor, model_options: dict) -> torch.Tensor:
+        if x.shape[0] != self.images:
+            raise CLoRARuntimeError(f"CLoRA: the sampler runs {x.shape[0]} rows for {self.images} images; "
+                                    "another extension changes the batch")
+        sigmas = host.sampling_sigmas(model_options)
+        if sigmas is None:
+            step, total = 0, 1
+        else:
+            sigmas = sigmas.to(sigma.device, torch.float32)
+            step = int((sigmas[:-1] - float(sigma[0])).abs().argmin())
+            total = len(sigmas) - 1
+        if self.updates and not self._noted_schedule:
+            self._noted_schedule = True
+            for message in schedule_notes(self.generation.args.engine_settings().schedule, total, None,
+                                          len(self.plan.composition.content)):
+                self.generation.note(message)
+        maps = [segments[pick_segment([e for e, _ in segments], step)][1] for segments in self.token_maps]
+        generation = self.generation
+        previews = not self.hires and generation.args.previews
+        iteration = webui.batch_iteration(generation.p)
+
+        def on_group(group: list[int], out: Any) -> None:
+            generation.previews.record(iteration, group, out, maps[group[0]], self.plan)
+
+        def inner(x_rows: torch.Tensor, sigma_rows: torch.Tensor, cond: dict) -> torch.Tensor:
+            return host.apply_model(model, model_options, x_rows, sigma_rows, cond["c_crossattn"][0])
+
+        image_cond = x.new_zeros((x.shape[0], 1, 1, 1))  # SD1.x txt2img: no concat conditioning
+        with webui.progress_text_kept():
+            return fused_step(self.engine, inner, self.rows, x, sigma, image_cond, self._cond_table(step), maps,
+                              step, total, host.is_k_diffusion(self.generation.p), self.updates,
+                              on_group if previews else None)
+
+    # -- the unet function wrapper: serve the fused rows in the host's row order ------------------
+    def wrapper(self, apply_model: Any, args: dict) -> torch.Tensor:
+        x, chunks = args["input"], args["cond_or_uncond"]
+        fused = self._fused
+        if fused is None or x.shape[0] != len(chunks) * self.images:
+            self.generation.close_pass()
+            raise refused(CLoRARuntimeError("CLoRA: the host called the UNet with rows CLoRA did not prepare; "
+                                            "another extension changes the batch"))
+        b = self.images
+        return torch.cat([fused[:b] if c == 0 else fused[b:] for c in chunks]).to(x.dtype)
+
+    def _cond_table(self, step: int) -> ConditioningTable:
+        plan = self.plan
+        rows = []
+        for jobs in (plan.cond_job, plan.uncond_job):
+            for v in range(plan.n_variants):
+                for image in range(len(jobs)):
+                    j = jobs[image][v]
+                    rows.append(self.conds[j][pick_segment(self.cond_ends[j], step)][1])
+        return ConditioningTable(rows)
+
+    def close(self) -> None:
+        if self.engine is None:
+            return
+        self.engine.close()
+        for handle in self._stops:
+            handle.remove()
+        records = self.engine.records
+        updated = sum(1 for r in records if r.iterations)
+        if updated:
+            print(f"CLoRA: {len(records)} model steps, {sum(r.iterations for r in records)} latent updates in {updated} steps")
+            for line in update_summary(records):
+                print(f"CLoRA: {line}")
+        self.engine = None
+        self._fused = None
+
+
+def _encode(p: Any, plan: Any, loras: dict, facts: Any) -> list[list[Any]]:
+    """[(end_at_step, cond)] of every job of ``plan``: each LoRA set's CLIP patches on a clone of the CLIP patcher."""
+    results: dict[int, list] = {}
+    for (lora_set, negative), indices in plan.jobs_by_lora_set().items():
+        patches = [(loras[name].clip, weight) for name, weight in lora_set if loras[name].clip]
+        tag = "clora:" + ",".join(f"{loras[name].path}@{weight}" for name, weight in lora_set)
+        with host.text_encoder_patches(p, tag, patches):
+            conds = host.learned_conditioning(p, [plan.jobs[i].text for i in indices], negative, facts.steps,
+                                              facts.hires_steps, facts.width, facts.height)
+        for i, cond in zip(indices, conds):
+            results[i] = cond
+    return [results[i] for i in range(len(plan.jobs))]
+
+
+def _on_refine(i: int, n: int) -> None:
+    webui.set_progress_text(f"CLoRA refine {i}/{n}")
+
+
+def _stop_if_interrupted(module: Any, args: Any) -> None:
+    if webui.interrupted():
+        host.raise_interrupted()
