@@ -152,3 +152,26 @@ def test_cond_rows_keep_their_own_length_beside_a_long_negative_prompt(tiny_unet
     assert torch.allclose(x_short, x_long, atol=1e-5)  # the latent update never sees the negative prompt
     assert torch.allclose(short[0], long[0], atol=1e-5)  # nor does the fused cond prediction
     assert not torch.allclose(short[1], long[1], atol=1e-3)  # the uncond rows did change
+
+
+def test_functional_gradient_through_the_glue_equals_autograd(tiny_unet, clip_bpe):
+    """The Forge hosts' gradient pass (torch.func vjp of the functionalised forward) through the glue's
+    row model and conditioning table: the row bookkeeping must not read tensors made inside the
+    transform. Same latent update and fused rows as autograd; a long negative prompt splits the rows."""
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(2, 4, 16, 16, generator=g) * 14.6
+    sigma = torch.tensor([14.6, 14.6])
+    results = {}
+    for functional in (False, True):
+        engine, table, maps = _setup(tiny_unet, clip_bpe, False, [0, 1], uncond_chunks=2)
+        engine.functional_gradient = functional
+        x = x0.clone()
+        with engine:
+            fused = fused_step(
+                engine, HostLikeDenoiser(tiny_unet, False), ProxyRows(2, 3), x, sigma, torch.zeros(2, 5, 1, 1),
+                table, maps, step=0, total=10, k_diffusion=True, allow_update=True,
+            )
+        results[functional] = (x, fused)
+    assert not torch.equal(results[True][0], x0)
+    assert torch.allclose(results[True][0], results[False][0], atol=1e-4)
+    assert torch.allclose(results[True][1], results[False][1], atol=1e-3)
