@@ -47,8 +47,10 @@ def install_patcher(p: Any, wrapper: Callable, modifier: Callable) -> Any:
     put back on ``p.sd_model.forge_objects``: it lives for this sampling only (the host resets
     ``forge_objects`` from ``forge_objects_after_applying_lora`` before each sampling)."""
     patcher = unet_patcher(p).clone()
-    patcher.set_model_unet_function_wrapper(wrapper)
-    patcher.add_conditioning_modifier(modifier)
+    # plain functions, not bound methods: the host deep-copies model_options on every clone (the
+    # hires pass clones this patcher), and a bound method would copy its object (the engine) along
+    patcher.set_model_unet_function_wrapper(lambda apply_model, args: wrapper(apply_model, args))
+    patcher.add_conditioning_modifier(lambda *args: modifier(*args))
     p.sd_model.forge_objects.unet = patcher
     return patcher
 
@@ -70,9 +72,18 @@ def apply_model(kmodel_: Any, model_options: dict, x: torch.Tensor, sigma: torch
     return kmodel_.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
 
 
-def sampling_sigmas(model_options: dict) -> torch.Tensor | None:
-    """The full sigma schedule of this sampling (set by the host's sampler)."""
-    return model_options.get("transformer_options", {}).get("sampling_sigmas")
+def step_and_total(p: Any, model_options: dict, sigma: torch.Tensor) -> tuple[int, int]:
+    """The model step this call is (0-based) and the model calls the sampler makes in this pass, as
+    the CFG denoiser counts them (in img2img: the steps that run at the denoising strength). Without
+    a denoiser: the position of ``sigma`` in the sampling's sigma schedule."""
+    denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
+    if denoiser is not None and getattr(denoiser, "total_steps", None):
+        return int(denoiser.step), int(denoiser.total_steps)
+    sigmas = model_options.get("transformer_options", {}).get("sampling_sigmas")
+    if sigmas is None:
+        return 0, 1
+    sigmas = sigmas.to(sigma.device, torch.float32)
+    return int((sigmas[:-1] - float(sigma[0])).abs().argmin()), len(sigmas) - 1
 
 
 def is_k_diffusion(p: Any) -> bool:

@@ -137,7 +137,9 @@ class Generation:
             return
         try:
             self._pass = Pass(self)
-        except (CLoRARuntimeError, CLoRAArgsError) as e:
+        except Exception as e:  # noqa: BLE001 - the host would log it and sample without CLoRA
+            # a request that asked for CLoRA never runs without it: its first model call fails
+            # (422 for CLoRA's own refusals, the error itself otherwise)
             self.error = e
             host.install_patcher(self.p, _passthrough, self._refuse)
 
@@ -221,13 +223,7 @@ class Pass:
         if x.shape[0] != self.images:
             raise CLoRARuntimeError(f"CLoRA: the sampler runs {x.shape[0]} rows for {self.images} images; "
                                     "another extension changes the batch")
-        sigmas = host.sampling_sigmas(model_options)
-        if sigmas is None:
-            step, total = 0, 1
-        else:
-            sigmas = sigmas.to(sigma.device, torch.float32)
-            step = int((sigmas[:-1] - float(sigma[0])).abs().argmin())
-            total = len(sigmas) - 1
+        step, total = host.step_and_total(self.generation.p, model_options, sigma)
         if self.updates and not self._noted_schedule:
             self._noted_schedule = True
             for message in schedule_notes(self.generation.args.engine_settings().schedule, total, None,
