@@ -119,7 +119,7 @@ def begin(p: Any, args: Sequence[Any]) -> None:
     try:
         parsed = parse_args(args, settings_defaults())
     except CLoRAArgsError as e:
-        if _wants_clora(args):
+        if wants_clora(args):
             generations.open(p, None, e)
         return
     if not parsed.enabled:
@@ -160,7 +160,7 @@ def previews_of(p: Any) -> list:
     return generation.previews.images()
 
 
-def _wants_clora(args: Sequence[Any]) -> bool:
+def wants_clora(args: Sequence[Any]) -> bool:
     if not args:
         return False
     first = args[0]

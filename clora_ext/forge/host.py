@@ -11,28 +11,12 @@ patcher and the text processing engine.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
 from modules import prompt_parser, sd_samplers_common, shared
-
-NEO = "neo"
-
-
-# -- which Forge -------------------------------------------------------------------------------
-
-
-def forge_version() -> str | None:
-    """``modules_forge.forge_version.version`` ("neo", "classic", "2.0.1v1.10.1", ...), or None."""
-    try:
-        return str(importlib.import_module("modules_forge.forge_version").version)
-    except (ImportError, AttributeError):
-        return None
-
 
 # -- the UNet patcher of one sampling pass ----------------------------------------------------------
 

@@ -42,7 +42,7 @@ from ..a1111.plan import (
     token_map_schedule,
 )
 from ..a1111.previews import PreviewStore
-from ..a1111.runtime import _wants_clora, refused
+from ..a1111.runtime import wants_clora, refused
 from ..a1111.settings import row_cap, settings_defaults
 from . import host, lora_bridge
 
@@ -52,7 +52,7 @@ def begin(p: Any, args: Sequence[Any]) -> None:
     try:
         parsed = parse_args(args, settings_defaults())
     except CLoRAArgsError as e:
-        if _wants_clora(args):
+        if wants_clora(args):
             generations.open(p, None, e)
         return
     if not parsed.enabled:
