@@ -234,6 +234,18 @@ def _zero_gradient_message(half: bool) -> str:
     return "CLoRA: the latent gradient is zero; no latent update runs"
 
 
+@dataclass
+class _Call:
+    """One model call of a pass, planned before it runs: its rows of the layout, their layout and
+    routes, and the capture request of the maps that fall in it (``picked``: their request order)."""
+
+    rows: torch.Tensor
+    layout: RowLayout
+    routes: list[Route]
+    request: CaptureRequest | None
+    picked: torch.Tensor
+
+
 class CLoRAEngine:
     """Runs CLoRA step by step for one generation. Use as a context manager."""
 
@@ -443,9 +455,13 @@ class CLoRAEngine:
         images = x.shape[0]
         layout = RowLayout.build(images, self.n_variants, with_uncond=False, device=x.device)
 
+        request = self._request(layout, x, grad=True)
+        # the calls' row bookkeeping is planned here, outside the pass: inside a torch.func
+        # transform, tensors made there cannot be read back as Python values
+        calls = self._calls(model, layout, request)
+
         def losses_at(z: torch.Tensor) -> torch.Tensor:
-            request = self._request(layout, z, grad=True)
-            _, maps = self._run(model, z.index_select(0, layout.image), layout, request)
+            _, maps = self._run(model, z.index_select(0, layout.image), layout, request, calls)
             return self._image_losses(maps.reshape(images, len(self._token_maps), *request.map_hw))
 
         with gradient_ready(self.unet):
@@ -489,16 +505,19 @@ class CLoRAEngine:
 
     # -- pieces -------------------------------------------------------------------------------
     def _run(
-        self, model: RowModel, x_rows: torch.Tensor, layout: RowLayout, request: CaptureRequest
+        self, model: RowModel, x_rows: torch.Tensor, layout: RowLayout, request: CaptureRequest,
+        calls: list["_Call"] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The model's output on every row (None after a gradient pass's early stop) and the requested maps.
 
-        One call per row group of the model, each cut to ``max_rows``; a call that runs out of
-        device memory is run again as two halves (down to single rows). Each call routes its
-        own rows and captures the maps that fall in it, which are put back in request order.
+        One call per row group of the model, each cut to ``max_rows`` (``calls``: planned by
+        ``_calls`` beforehand); a call that runs out of device memory is run again as two halves
+        (down to single rows). Each call routes its own rows and captures the maps that fall in
+        it, which are put back in request order.
         """
-        chunks = [c for g in row_groups(model, layout) for c in split_rows(g, self.max_rows)]
-        if len(chunks) == 1:
+        if calls is None:
+            calls = self._calls(model, layout, request)
+        if len(calls) == 1:
             try:
                 y = None  # stays None when the capture stops a gradient pass early
                 with self.router.routed(self._routes(layout), len(layout)), self.capture.capturing(request):
@@ -508,43 +527,52 @@ class CLoRAEngine:
                 if len(layout) == 1:
                     raise
                 self._after_out_of_memory(x_rows.device, len(layout))
-                chunks = split_rows(chunks[0], self.max_rows)
+                calls = [self._call(layout, request, c) for c in split_rows(calls[0].rows, self.max_rows)]
         out: torch.Tensor | None = None
         parts, order = [], []
-        pending = list(chunks)
+        pending = list(calls)
         while pending:
-            rows = pending.pop(0).to(x_rows.device)
+            call = pending.pop(0)
             try:
-                y, maps, picked = self._run_rows(model, x_rows, layout, request, rows)
+                y, maps = self._run_call(model, x_rows, call)
             except OUT_OF_MEMORY:
-                if len(rows) == 1:
+                if len(call.rows) == 1:
                     raise
-                self._after_out_of_memory(x_rows.device, len(rows))
-                pending = [c for p in [rows, *pending] for c in split_rows(p, self.max_rows)]
+                self._after_out_of_memory(x_rows.device, len(call.rows))
+                pending = [self._call(layout, request, c) for p in [call, *pending] for c in split_rows(p.rows, self.max_rows)]
                 continue
             if maps is not None:
                 parts.append(maps)
-                order.append(picked)
+                order.append(call.picked)
             if y is not None:
                 out = y.new_empty((len(layout), *y.shape[1:])) if out is None else out
-                out[rows] = y
+                out[call.rows] = y
         maps = torch.cat(parts).index_select(0, torch.argsort(torch.cat(order)))
         return out, maps
 
-    def _run_rows(self, model: RowModel, x_rows: torch.Tensor, layout: RowLayout, request: CaptureRequest,
-                  rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """One call on the layout's ``rows``: its output and the maps of the requested rows among them."""
-        local = torch.full((len(layout),), -1, dtype=torch.long, device=x_rows.device)
-        local[rows] = torch.arange(len(rows), device=x_rows.device)
+    def _calls(self, model: RowModel, layout: RowLayout, request: CaptureRequest) -> list["_Call"]:
+        """The model calls that run ``layout``'s rows: the model's row groups, each cut to ``max_rows``."""
+        chunks = [c for g in row_groups(model, layout) for c in split_rows(g, self.max_rows)]
+        return [self._call(layout, request, rows) for rows in chunks]
+
+    def _call(self, layout: RowLayout, request: CaptureRequest, rows: torch.Tensor) -> "_Call":
+        device = request.rows.device
+        rows = rows.to(device)
+        local = torch.full((len(layout),), -1, dtype=torch.long, device=device)
+        local[rows] = torch.arange(len(rows), device=device)
         picked = (local[request.rows] >= 0).nonzero().squeeze(1)
         sub = layout.select(rows)
-        capture = (self.capture.capturing(dataclasses.replace(request, rows=local[request.rows[picked]],
-                                                              cols=request.cols[picked]))
-                   if len(picked) else contextlib.nullcontext())
+        sub_request = (dataclasses.replace(request, rows=local[request.rows[picked]], cols=request.cols[picked])
+                       if len(picked) else None)
+        return _Call(rows, sub, self._routes(sub), sub_request, picked)
+
+    def _run_call(self, model: RowModel, x_rows: torch.Tensor, call: "_Call") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One planned call: its output and the maps of the requested rows among its rows."""
+        capture = self.capture.capturing(call.request) if call.request is not None else contextlib.nullcontext()
         y = None  # stays None when the capture stops a gradient pass early
-        with self.router.routed(self._routes(sub), len(sub)), capture:
-            y = model(x_rows.index_select(0, rows), sub)
-        return y, self.capture.maps() if len(picked) else None, picked
+        with self.router.routed(call.routes, len(call.layout)), capture:
+            y = model(x_rows.index_select(0, call.rows.to(x_rows.device)), call.layout)
+        return y, self.capture.maps() if call.request is not None else None
 
     def _after_out_of_memory(self, device: torch.device, failed_rows: int) -> None:
         """Halve the row cap below the call that failed; it stays for the rest of the generation."""

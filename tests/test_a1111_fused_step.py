@@ -154,10 +154,12 @@ def test_cond_rows_keep_their_own_length_beside_a_long_negative_prompt(tiny_unet
     assert not torch.allclose(short[1], long[1], atol=1e-3)  # the uncond rows did change
 
 
-def test_functional_gradient_through_the_glue_equals_autograd(tiny_unet, clip_bpe):
+@pytest.mark.parametrize("max_rows", [None, 2], ids=["one_call", "calls_of_2_rows"])
+def test_functional_gradient_through_the_glue_equals_autograd(tiny_unet, clip_bpe, max_rows):
     """The Forge hosts' gradient pass (torch.func vjp of the functionalised forward) through the glue's
     row model and conditioning table: the row bookkeeping must not read tensors made inside the
-    transform. Same latent update and fused rows as autograd; a long negative prompt splits the rows."""
+    transform. Same latent update and fused rows as autograd; a long negative prompt splits the rows, and
+    a row cap splits the gradient pass too (its calls are planned outside the transform)."""
     g = torch.Generator().manual_seed(5)
     x0 = torch.randn(2, 4, 16, 16, generator=g) * 14.6
     sigma = torch.tensor([14.6, 14.6])
@@ -165,6 +167,7 @@ def test_functional_gradient_through_the_glue_equals_autograd(tiny_unet, clip_bp
     for functional in (False, True):
         engine, table, maps = _setup(tiny_unet, clip_bpe, False, [0, 1], uncond_chunks=2)
         engine.functional_gradient = functional
+        engine.max_rows = max_rows
         x = x0.clone()
         with engine:
             fused = fused_step(
