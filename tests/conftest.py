@@ -22,6 +22,24 @@ if _ROOT not in sys.path:
 from clora_ext.devtools import tiny_sd  # noqa: E402
 
 
+_FORGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forge")
+
+
+def _inside(path: str, folder: str) -> bool:
+    path = os.path.abspath(path)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def pytest_ignore_collect(collection_path, config: pytest.Config):
+    """tests/forge (the fake Forge Neo) is collected only when every path asked for is inside it:
+    its fake ``modules`` cannot share a process with tests/host's. ``pytest tests`` runs it in a
+    process of its own (tests/test_fake_neo_tier.py)."""
+    if not _inside(str(collection_path), _FORGE):
+        return None
+    args = [a.split("::")[0] for a in config.args] or [os.getcwd()]
+    return True if not all(_inside(a, _FORGE) for a in args) else None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Known deprecations inside the vendored ldm code (not ours to fix).
     for line in (

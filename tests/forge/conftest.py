@@ -1,0 +1,86 @@
+"""The fake Forge Neo host (fake_neo/) in place of Neo's ``modules``, ``modules_forge``, ``backend``
+and ``networks``, and the Neo glue on top.
+
+This tier runs in a process of its own (its ``modules`` package is not the A1111 fake's of
+tests/host): ``pytest tests`` runs it through tests/test_fake_neo_tier.py, and
+``pytest tests/forge`` runs it directly. The model and the LoRA files are built once per
+session; a test gets a freshly reset host (options, progress state, LoRA list, the glue's
+caches), and at its end the model must carry no hook of the glue and the host's own
+patchers no option of it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+FAKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_neo")
+if FAKE not in sys.path:
+    sys.path.insert(0, FAKE)
+
+from modules import shared  # noqa: E402  (the fake Neo's)
+
+import networks  # noqa: E402
+from clora_ext.devtools.loras import UNET_TARGETS, kohya_unet_key, lora_targets, write_kohya_lora  # noqa: E402
+from clora_ext.forge import lora_bridge, runtime  # noqa: E402
+from world import FakeNeoModel  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fake_model() -> FakeNeoModel:
+    return FakeNeoModel(unet_seed=0, te_seed=0)
+
+
+def _write_loha(path: str, unet: torch.nn.Module, seed: int) -> None:
+    """A LoHa (rank 2 x 2) over the UNet's attention projections."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in lora_targets(unet, UNET_TARGETS):
+        if module.weight.dim() != 2:
+            continue
+        out, inp = module.weight.shape
+        key = kohya_unet_key(name)
+        std = float(module.weight.std())
+        for i in (1, 2):
+            tensors[f"{key}.hada_w{i}_a"] = torch.randn(out, 2, generator=g) * std ** 0.5
+            tensors[f"{key}.hada_w{i}_b"] = torch.randn(2, inp, generator=g) * std ** 0.5 / inp ** 0.5
+        tensors[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, path)
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory, fake_model) -> str:
+    folder = tmp_path_factory.mktemp("Lora")
+    unet = fake_model.diffusion_model
+    te = fake_model.forge_objects.clip.cond_stage_model.clip_l.transformer
+    for seed, name in enumerate(["cat_lora", "dog_lora", "fox_lora"]):
+        write_kohya_lora(folder / f"{name}.safetensors", unet, te, seed=seed + 1, strength=2.0)
+    _write_loha(str(folder / "cat_loha.safetensors"), unet, 11)
+    return str(folder)
+
+
+@pytest.fixture
+def fake_host(fake_model, lora_dir):
+    """A started fake Neo with ``fake_model`` loaded and the LoRA folder listed."""
+    shared.reset(fake_model)
+    networks.lora_dir = lora_dir
+    networks.list_available_networks()
+    lora_bridge.clear_cache()
+    fake_model.kmodel.calls.clear()
+    fake_model.clip_encodes.clear()
+    hooks_before = _hook_count(fake_model)
+    yield shared
+    runtime.generations.close_any()
+    assert _hook_count(fake_model) == hooks_before, "the glue left hooks on the model"
+    for objects in (fake_model.forge_objects_original, fake_model.forge_objects_after_applying_lora):
+        assert set(objects.unet.model_options) == {"transformer_options"}, "the glue changed the host's own patcher"
+        assert not objects.clip.patcher.patches, "the glue patched the host's own CLIP"
+
+
+def _hook_count(model: FakeNeoModel) -> int:
+    modules = [*model.diffusion_model.modules(), *model.forge_objects.clip.cond_stage_model.modules()]
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)

@@ -1,0 +1,72 @@
+"""Neo's sampling function, as the glue relies on it (written for these tests).
+
+The CFG denoiser hands it the sampler's x (the very object, outside inpainting). It
+1. runs the UnetPatcher's ``conditioning_modifiers`` with
+   ``(model, x, timestep, uncond, cond, cond_scale, model_options, seed)``;
+2. batches the conds: cond and uncond of the same token length run in one call, uncond
+   first (``cond_or_uncond == [1, 0]``); otherwise cond, then uncond, in calls of their
+   own; no uncond at CFG scale 1;
+3. calls ``model_options["model_function_wrapper"](model.apply_model, {"input", "timestep",
+   "c", "cond_or_uncond"})`` where set (else ``apply_model``), and
+4. combines the outputs with CFG.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+COND, UNCOND = 0, 1
+
+
+def _conds(tensor: torch.Tensor) -> list[dict]:
+    return [{"model_conds": {"c_crossattn": tensor}}]
+
+
+def calc_cond_uncond_batch(model, cond, uncond, x, timestep, model_options):
+    to_run = [(c, COND) for c in cond] + ([(u, UNCOND) for u in uncond] if uncond is not None else [])
+    out = {COND: None, UNCOND: None}
+    while to_run:
+        first = to_run[0][0]["model_conds"]["c_crossattn"]
+        batch = [i for i, (c, _) in enumerate(to_run) if c["model_conds"]["c_crossattn"].shape == first.shape]
+        batch.reverse()  # Neo's order: the last that fits first (uncond before cond)
+        picked = [to_run[i] for i in batch]
+        for i in batch:
+            to_run.pop(i)
+        chunks = [kind for _, kind in picked]
+        transformer_options = dict(model_options.get("transformer_options", {}))
+        transformer_options["cond_or_uncond"] = chunks[:]
+        transformer_options["sigmas"] = timestep
+        c = {"c_crossattn": torch.cat([entry["model_conds"]["c_crossattn"] for entry, _ in picked]),
+             "transformer_options": transformer_options}
+        input_x = torch.cat([x] * len(chunks))
+        timestep_ = torch.cat([timestep] * len(chunks))
+        if "model_function_wrapper" in model_options:
+            output = model_options["model_function_wrapper"](model.apply_model, {
+                "input": input_x, "timestep": timestep_, "c": c, "cond_or_uncond": chunks})
+        else:
+            output = model.apply_model(input_x, timestep_, **c)
+        for kind, rows in zip(chunks, output.chunk(len(chunks))):
+            out[kind] = rows
+    return out[COND], out[UNCOND]
+
+
+def sampling_function(denoiser, x, timestep, cond_tensor, uncond_tensor, cond_scale, sampling_sigmas):
+    from modules import shared
+
+    unet_patcher = shared.sd_model.forge_objects.unet
+    model = unet_patcher.model
+    model_options = dict(unet_patcher.model_options)
+    model_options["transformer_options"] = {**model_options.get("transformer_options", {}),
+                                            "sampling_sigmas": sampling_sigmas}
+    cond, uncond = _conds(cond_tensor), _conds(uncond_tensor)
+    seed = denoiser.p.seed
+    for modifier in model_options.get("conditioning_modifiers", []):
+        model, x, timestep, uncond, cond, cond_scale, model_options, seed = modifier(
+            model, x, timestep, uncond, cond, cond_scale, model_options, seed)
+    uncond_ = None if math.isclose(cond_scale, 1.0) else uncond
+    cond_pred, uncond_pred = calc_cond_uncond_batch(model, cond, uncond_, x, timestep, model_options)
+    if uncond_pred is None:
+        return cond_pred
+    return uncond_pred + (cond_pred - uncond_pred) * cond_scale

@@ -1,0 +1,1 @@
+"""Fake ``modules`` package of Forge Neo (tests/forge only)."""

@@ -1,0 +1,1 @@
+"""Fake ``modules_forge`` of Forge Neo (tests/forge only)."""

@@ -1,0 +1,204 @@
+"""The Neo glue in a generation as Forge Neo runs it (fake host): off, on, the row order it serves,
+the gradient inside inference mode, refusals, interrupt, hires, img2img, row cap, LoRA kinds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from modules import processing, shared
+
+from clora_ext.a1111.infotext import KEY
+from clora_ext.a1111.runtime import RequestRefused
+from clora_ext.forge import runtime
+
+from driver import clora, generate
+
+PROMPT = "a cat and a dog"
+PAIR = (("cat", "cat_lora"), ("dog", "dog_lora"))
+
+
+def txt2img(**kw) -> processing.StableDiffusionProcessingTxt2Img:
+    return processing.StableDiffusionProcessingTxt2Img(**{"prompt": PROMPT, "steps": 4, "seed": 3, **kw})
+
+
+def img2img(**kw) -> processing.StableDiffusionProcessingImg2Img:
+    init = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    return processing.StableDiffusionProcessingImg2Img(**{"prompt": PROMPT, "steps": 8, "seed": 3,
+                                                          "init_latent": init, **kw})
+
+
+def test_off_is_the_host_unchanged(fake_host, fake_model):
+    plain = generate(txt2img(), with_script=False).images
+    host_clip = fake_model.forge_objects_after_applying_lora.clip
+    for args in [(), ({"enabled": False},), (False,), (clora(*PAIR, enabled=False),)]:
+        fake_model.clip_encodes.clear()
+        p = txt2img(script_args=args)
+        images = generate(p).images
+        assert all(torch.equal(a, b) for a, b in zip(plain, images))
+        assert KEY not in p.extra_generation_params
+        assert all(clip is host_clip for clip in fake_model.clip_encodes)  # nothing encoded with patches
+
+
+def _spy_fused_step(monkeypatch) -> list:
+    """Record, per model call, what the conditioning modifier saw and did to the sampler's x."""
+    seen = []
+    step = runtime.fused_step
+
+    def spy(engine, inner, rows, x, *args, **kwargs):
+        before = x.clone()
+        out = step(engine, inner, rows, x, *args, **kwargs)
+        seen.append({"inference_mode": torch.is_inference_mode_enabled(), "x_is_inference": x.is_inference(),
+                     "moved": float((x - before).abs().max())})
+        return out
+
+    monkeypatch.setattr(runtime, "fused_step", spy)
+    return seen
+
+
+def test_on_composes_and_cleans_up(fake_host, fake_model, monkeypatch, capsys):
+    plain = generate(txt2img(), with_script=False).images[0]
+    seen = _spy_fused_step(monkeypatch)
+    p = txt2img(script_args=(clora(*PAIR),))
+    out = generate(p).images[0]
+    assert p.closed and runtime.generations.serving(p) is None
+    assert p.scripts.calls["process_before_every_sampling"] == 1
+    assert not torch.allclose(out, plain, atol=1e-3)
+    assert KEY in p.extra_generation_params and '"lora":"cat_lora"' in p.extra_generation_params[KEY]
+    assert "CLoRA: 4 model steps, 6 latent updates in 2 steps" in capsys.readouterr().out
+    # the latent was updated in place at the update steps (the first half), not after
+    assert [s["moved"] > 0 for s in seen] == [True, True, False, False]
+    # the variant rows went through KModel.apply_model: 3 variants x (cond + uncond) per fused call
+    assert max(fake_model.kmodel.calls) == 6
+    # the variant encodings had their LoRA's CLIP patches, on clones of the host's CLIP patcher
+    patched = [clip for clip in fake_model.clip_encodes if clip.patcher.patches]
+    assert patched and all(clip is not fake_model.forge_objects_after_applying_lora.clip for clip in patched)
+
+
+def test_the_gradient_runs_inside_inference_mode(fake_host, fake_model, monkeypatch):
+    unet = fake_model.diffusion_model
+    assert all(w.is_inference() and not w.requires_grad for w in unet.parameters())
+    x = torch.randn((1, 4, 8, 8))
+    t = torch.tensor([500.0])
+    context = torch.randn((1, 77, 32))
+    # plain autograd cannot run on this model: not outside inference mode (inference weights are
+    # saved for backward) ...
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        unet(x.clone().requires_grad_(True), t, context=context).sum().backward()
+    # ... nor inside it (nothing made there requires grad)
+    with torch.inference_mode(), torch.enable_grad():
+        x_in = x.clone().requires_grad_(True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(unet(x_in, t, context=context).sum(), x_in)
+    # the glue's update runs there, on the sampler's own x (an inference tensor), and moves it
+    seen = _spy_fused_step(monkeypatch)
+    generate(txt2img(script_args=(clora(*PAIR),)))
+    assert all(s["inference_mode"] and s["x_is_inference"] for s in seen)
+    assert seen[0]["moved"] > 0
+
+
+def test_fused_rows_are_served_in_the_hosts_row_order(fake_host, monkeypatch):
+    """With LoRAs at weight 0, no trigger words and no updates every variant is the base prompt, so
+    the fused rows are the host's own predictions: the image must be the host's. Served in the
+    wrong order (cond rows where the host expects uncond), the CFG inverts and it is not."""
+    plain = generate(txt2img(), with_script=False).images[0]
+    neutral = {"enabled": True, "update_fraction": 0.0,
+               "concepts": [{"subject": s, "lora": l, "weight": 0, "te_weight": 0} for s, l in PAIR]}
+    orders = []
+    wrapper = runtime.Pass.wrapper
+
+    def recording(self, apply_model, args):
+        orders.append(list(args["cond_or_uncond"]))
+        return wrapper(self, apply_model, args)
+
+    monkeypatch.setattr(runtime.Pass, "wrapper", recording)
+    same = generate(txt2img(script_args=(neutral,))).images[0]
+    assert orders == [[1, 0]] * 4  # Neo batches uncond first
+    assert torch.allclose(same, plain, atol=1e-4), float((same - plain).abs().max())
+
+    def swapped(self, apply_model, args):
+        return wrapper(self, apply_model, {**args, "cond_or_uncond": args["cond_or_uncond"][::-1]})
+
+    monkeypatch.setattr(runtime.Pass, "wrapper", swapped)
+    wrong = generate(txt2img(script_args=(neutral,))).images[0]
+    assert not torch.allclose(wrong, plain, atol=1e-2)
+
+
+def test_cfg_scale_1_serves_the_cond_rows_alone(fake_host, monkeypatch):
+    orders = []
+    wrapper = runtime.Pass.wrapper
+    monkeypatch.setattr(runtime.Pass, "wrapper",
+                        lambda self, a, args: orders.append(list(args["cond_or_uncond"])) or wrapper(self, a, args))
+    out = generate(txt2img(script_args=(clora(*PAIR),), cfg_scale=1.0)).images[0]
+    assert torch.isfinite(out).all() and orders == [[0]] * 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (clora(("cat", "nope"), ("dog", "dog_lora")), "LoRA 'nope' is not installed"),
+    ({"concepts": [{"subject": "cat", "lora": "cat_lora", "weight": 9}]}, "concepts[0].weight"),
+    (clora(("cat", "cat_lora"), ("bird", "dog_lora")), "bird"),
+])
+def test_a_refused_request_fails_with_422_and_leaves_nothing(fake_host, fake_model, args, message):
+    p = txt2img(script_args=(args,))
+    with pytest.raises(RequestRefused) as refused:
+        generate(p)
+    assert refused.value.status_code == 422 and message in refused.value.detail
+    assert fake_model.kmodel.calls == []  # failed at the first model call: nothing sampled without CLoRA
+    assert p.closed and runtime.generations.serving(p) is None
+
+
+def test_interrupt_during_refinement_stops_promptly(fake_host, fake_model):
+    calls = []
+
+    def count(module, args):
+        calls.append(1)
+        if len(calls) == 3:  # inside the first step's refinement
+            shared.state.interrupted = True
+
+    handle = fake_model.diffusion_model.register_forward_pre_hook(count)
+    try:
+        p = txt2img(script_args=(clora(*PAIR, refine_iterations=20),), steps=8)
+        out = generate(p).images[0]  # the host catches the interrupt and returns its last latent
+    finally:
+        handle.remove()
+    assert len(calls) == 3  # the gradient pass stopped at its next block, nothing ran after
+    assert torch.isfinite(out).all()
+    assert runtime.generations.serving(p) is None
+
+
+def test_hires_runs_pbes_twice_and_serves_masks_only(fake_host, fake_model, capsys):
+    p = txt2img(script_args=(clora(*PAIR),), enable_hr=True, hr_second_pass_steps=2, denoising_strength=0.6)
+    out = generate(p).images[0]
+    assert out.shape == (4, 16, 16) and torch.isfinite(out).all()
+    assert p.scripts.calls["process_before_every_sampling"] == 3  # first pass once, hires twice
+    assert "hires pass: masks and routing only" in p.extra_generation_params[KEY]
+    console = capsys.readouterr().out
+    assert console.count("latent updates in") == 1  # only the first pass updates
+    assert fake_model.kmodel.calls[-1] == 6  # the hires steps ran every variant row too
+
+
+def test_batches_and_iterations(fake_host, capsys):
+    images = generate(txt2img(script_args=(clora(*PAIR),), batch_size=2, n_iter=2)).images
+    assert len(images) == 4 and all(torch.isfinite(i).all() for i in images)
+    assert capsys.readouterr().out.count("model steps") == 2  # one pass per batch
+
+
+def test_a_row_cap_splits_calls_and_gives_the_same_result(fake_host, fake_model):
+    full = generate(txt2img(script_args=(clora(*PAIR),))).images[0]
+    assert max(fake_model.kmodel.calls) == 6
+    fake_model.kmodel.calls.clear()
+    shared.opts.clora_max_rows = 2
+    capped = generate(txt2img(script_args=(clora(*PAIR),))).images[0]
+    assert max(fake_model.kmodel.calls) == 2
+    assert torch.allclose(capped, full, rtol=1e-4, atol=1e-3), float((capped - full).abs().max())  # float rounding
+
+
+def test_img2img_counts_the_steps_that_run(fake_host, capsys):
+    p = img2img(script_args=(clora(*PAIR),), denoising_strength=0.5)  # 4 of 8 steps, 5 model calls
+    generate(p)
+    assert "CLoRA: 5 model steps, 6 latent updates in 2 steps" in capsys.readouterr().out
+
+
+def test_a_loha_goes_through_the_adapters_own_weight(fake_host):
+    kohya = generate(txt2img(script_args=(clora(("cat", "cat_lora"), ("dog", "dog_lora")),))).images[0]
+    loha = generate(txt2img(script_args=(clora(("cat", "cat_loha"), ("dog", "dog_lora")),))).images[0]
+    assert torch.isfinite(loha).all() and not torch.allclose(loha, kohya, atol=1e-3)
