@@ -80,6 +80,32 @@ def sampler_function(p: Any) -> str | None:
     return getattr(func, "__name__", func)
 
 
+def controlnet_active(p: Any) -> bool:
+    """Whether a ControlNet is attached to this sampling's UNet patcher (Neo's built-in
+    sd_forge_controlnet puts its units there, after CLoRA's pbes or before)."""
+    return getattr(unet_patcher(p), "controlnet_linked_list", None) is not None
+
+
+def _denoiser(p: Any) -> Any:
+    return getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
+
+
+def inpaint_region(p: Any) -> torch.Tensor | None:
+    """Where the host repaints (1) and keeps the original (0), latent-sized, or None outside inpainting."""
+    denoiser = _denoiser(p)
+    return getattr(denoiser, "nmask", None) if getattr(denoiser, "mask", None) is not None else None
+
+
+def watch_sampler_latent(p: Any, keep: Callable[[torch.Tensor], None]) -> Any:
+    """Hand ``keep`` the sampler's own x at every call of the CFG denoiser (a forward pre-hook on it;
+    the handle, or None without a denoiser). In inpainting Neo blends x with the noised original
+    before the conditioning modifier, which so gets a copy: an update must reach the sampler's x too."""
+    denoiser = _denoiser(p)
+    if not isinstance(denoiser, torch.nn.Module):
+        return None
+    return denoiser.register_forward_pre_hook(lambda module, args: keep(args[0]) if args else None)
+
+
 def is_hires_pass(p: Any) -> bool:
     return bool(getattr(p, "is_hr_pass", False))
 
@@ -178,7 +204,9 @@ def prompt_chunker(p: Any) -> Any:
 
 def model_family(p: Any) -> str:
     model = p.sd_model
-    return "SD1" if getattr(model, "is_sd1", False) else type(model).__name__
+    if getattr(model, "is_sd1", False):
+        return "SD1"
+    return "SDXL" if getattr(model, "is_sdxl", False) else type(model).__name__
 
 
 # -- interrupt -----------------------------------------------------------------------------------

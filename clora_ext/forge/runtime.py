@@ -42,7 +42,7 @@ from ..a1111.plan import (
     token_map_schedule,
 )
 from ..a1111.previews import PreviewStore
-from ..a1111.runtime import wants_clora, refused
+from ..a1111.runtime import _controlnet_message, refused, wants_clora
 from ..a1111.settings import row_cap, settings_defaults
 from . import host, lora_bridge
 
@@ -63,6 +63,9 @@ def begin(p: Any, args: Sequence[Any]) -> None:
     try:
         if not (webui.is_txt2img(p) or webui.is_img2img(p)):
             raise CLoRARuntimeError(f"CLoRA: {type(p).__name__} is neither txt2img nor img2img; CLoRA runs in those two")
+        units = webui.controlnet_units_enabled(p)  # Neo's built-in ControlNet: its script's args, as on A1111
+        if units:
+            raise CLoRARuntimeError(_controlnet_message(f"ControlNet unit {units[0]} is enabled"))
         for concept in parsed.concepts:
             lora_bridge.on_disk(concept.lora)
     except CLoRARuntimeError as e:
@@ -174,7 +177,8 @@ class Pass:
         except ValueError as e:
             raise CLoRARuntimeError(f"CLoRA: {e}") from None
         if host.model_family(p) != "SD1":
-            raise CLoRARuntimeError(f"CLoRA on Forge Neo runs SD1.x checkpoints only so far; this one is {host.model_family(p)}")
+            raise CLoRARuntimeError(f"CLoRA on Forge Neo runs SD1.x checkpoints only so far; this checkpoint is "
+                                    f"{host.model_family(p)}. Load an SD1.x checkpoint or turn CLoRA off")
         self.loras = {c.lora: lora_bridge.load(c.lora, p) for c in args.concepts}
         self.conds = _encode(p, self.plan, self.loras, facts)
         self.cond_ends = [[end for end, _ in conds] for conds in self.conds]
@@ -206,6 +210,11 @@ class Pass:
         self._stops = [block.register_forward_pre_hook(_stop_if_interrupted) for block in blocks]
         self._fused: torch.Tensor | None = None
         self._noted_schedule = False
+        self._sampler_x: torch.Tensor | None = None
+        self._watch = host.watch_sampler_latent(p, self._keep_sampler_x)
+
+    def _keep_sampler_x(self, x: torch.Tensor) -> None:
+        self._sampler_x = x
 
     # -- the conditioning modifier: the sampler's x, before the host's cond/uncond batch ----------
     def modifier(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
@@ -220,6 +229,8 @@ class Pass:
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
     def _step(self, model: Any, x: torch.Tensor, sigma: torch.Tensor, model_options: dict) -> torch.Tensor:
+        if host.controlnet_active(self.generation.p):
+            raise CLoRARuntimeError(_controlnet_message("ControlNet is active for this generation"))
         if x.shape[0] != self.images:
             raise CLoRARuntimeError(f"CLoRA: the sampler runs {x.shape[0]} rows for {self.images} images; "
                                     "another extension changes the batch")
@@ -241,10 +252,19 @@ class Pass:
             return host.apply_model(model, model_options, x_rows, sigma_rows, cond["c_crossattn"][0])
 
         image_cond = x.new_zeros((x.shape[0], 1, 1, 1))  # SD1.x txt2img: no concat conditioning
+        # inpainting: the update acts inside the inpaint mask only (the host's blend keeps the rest), and
+        # Neo hands the modifier a blended copy of the sampler's x, so the update is carried over to it
+        region = host.inpaint_region(self.generation.p)
+        sampler_x = self._sampler_x
+        carry = region is not None and sampler_x is not None and sampler_x is not x and self.updates
+        before = x.clone() if carry else None
         with webui.progress_text_kept():
-            return fused_step(self.engine, inner, self.rows, x, sigma, image_cond, self._cond_table(step), maps,
-                              step, total, host.is_k_diffusion(self.generation.p), self.updates,
-                              on_group if previews else None)
+            fused = fused_step(self.engine, inner, self.rows, x, sigma, image_cond, self._cond_table(step), maps,
+                               step, total, host.is_k_diffusion(self.generation.p), self.updates,
+                               on_group if previews else None, update_region=region)
+        if carry:
+            sampler_x.add_((x - before).to(sampler_x.dtype))
+        return fused
 
     # -- the unet function wrapper: serve the fused rows in the host's row order ------------------
     def wrapper(self, apply_model: Any, args: dict) -> torch.Tensor:
@@ -273,6 +293,9 @@ class Pass:
         self.engine.close()
         for handle in self._stops:
             handle.remove()
+        if self._watch is not None:
+            self._watch.remove()
+        self._sampler_x = None
         records = self.engine.records
         updated = sum(1 for r in records if r.iterations)
         if updated:

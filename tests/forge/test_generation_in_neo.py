@@ -202,3 +202,79 @@ def test_a_loha_goes_through_the_adapters_own_weight(fake_host):
     kohya = generate(txt2img(script_args=(clora(("cat", "cat_lora"), ("dog", "dog_lora")),))).images[0]
     loha = generate(txt2img(script_args=(clora(("cat", "cat_loha"), ("dog", "dog_lora")),))).images[0]
     assert torch.isfinite(loha).all() and not torch.allclose(loha, kohya, atol=1e-3)
+
+
+def test_inpainting_updates_the_samplers_latent_inside_the_mask_only(fake_host, monkeypatch):
+    """Neo blends x with the noised original before the conditioning modifier, which so gets a copy:
+    the update must reach the sampler's own x, and only where the host repaints."""
+    from modules.sd_samplers_cfg_denoiser import CFGDenoiser
+
+    keep = torch.zeros((4, 8, 8))
+    keep[:, :, :4] = 1  # left half kept, right half repainted
+    moves = []
+    forward = CFGDenoiser.forward
+
+    def spy(self, x, *args, **kwargs):  # the sampler's own x, before and after the model call
+        before = x.clone()
+        out = forward(self, x, *args, **kwargs)
+        moves.append((x - before).abs())
+        return out
+
+    monkeypatch.setattr(CFGDenoiser, "forward", spy)
+    p = img2img(script_args=(clora(*PAIR),), steps=4, denoising_strength=1.0, mask=keep, nmask=1 - keep)
+    out = generate(p).images[0]
+    assert torch.isfinite(out).all()
+    assert moves[0][..., 4:].sum() > 0  # the update moved the repainted half of the sampler's x
+    assert all(float(m[..., :4].max()) == 0 for m in moves)  # and never the kept half
+    assert all(float(m.max()) == 0 for m in moves[2:])  # nor anything after the update steps
+
+
+class FakeControlNet:
+    """Neo's built-in ControlNet script as far as CLoRA sees it: its units in ``p.script_args``, and
+    in its pbes (after CLoRA's) the unit attached to a clone of the pass's UNet patcher."""
+
+    args_from, args_to = 1, 3
+
+    def title(self):
+        return "ControlNet"
+
+    def process(self, p, *units):
+        pass
+
+    def process_before_every_sampling(self, p, *units, **kwargs):
+        if any(u.get("enabled") for u in units):
+            unet = p.sd_model.forge_objects.unet.clone()
+            unet.controlnet_linked_list = object()
+            p.sd_model.forge_objects.unet = unet
+
+    def postprocess(self, p, processed, *units):
+        pass
+
+
+def test_an_enabled_controlnet_unit_is_refused(fake_host, fake_model):
+    p = txt2img(script_args=(clora(*PAIR), {"enabled": False}, {"enabled": True}))
+    with pytest.raises(RequestRefused, match="ControlNet unit 1 is enabled"):
+        generate(p, others=[FakeControlNet()])
+    assert fake_model.kmodel.calls == []
+
+
+def test_a_controlnet_attached_to_the_patcher_is_refused(fake_host, fake_model, monkeypatch):
+    """A ControlNet that CLoRA's argument check does not see (no unit enabled in its args) but that is
+    attached to the UNet patcher when sampling starts."""
+    from clora_ext.a1111 import host as webui
+
+    monkeypatch.setattr(webui, "controlnet_units_enabled", lambda p: [])
+    p = txt2img(script_args=(clora(*PAIR), {"enabled": True}, {"enabled": False}))
+    with pytest.raises(RequestRefused, match="ControlNet is active"):
+        generate(p, others=[FakeControlNet()])
+    assert fake_model.kmodel.calls == []
+
+
+def test_sdxl_is_refused_with_a_message(fake_host, fake_model, monkeypatch):
+    monkeypatch.setattr(type(fake_model), "is_sd1", False)
+    monkeypatch.setattr(type(fake_model), "is_sdxl", True)
+    with pytest.raises(RequestRefused) as refused:
+        generate(txt2img(script_args=(clora(*PAIR),)))
+    assert refused.value.status_code == 422
+    assert refused.value.detail == ("CLoRA on Forge Neo runs SD1.x checkpoints only so far; this checkpoint is SDXL. "
+                                    "Load an SD1.x checkpoint or turn CLoRA off")

@@ -10,7 +10,13 @@ from clora_ext.forge import runtime
 
 
 class ScriptAdapter:
-    """What the Neo CLoRA script (clora_ext/forge/script.py) does, without its Gradio UI."""
+    """What the Neo CLoRA script (clora_ext/forge/script.py) does, without its Gradio UI; its
+    arguments are the first of ``p.script_args``."""
+
+    args_from, args_to = 0, 1
+
+    def title(self):
+        return "CLoRA"
 
     def process(self, p, *args):
         runtime.begin(p, args)
@@ -22,10 +28,10 @@ class ScriptAdapter:
         processed.images.extend(runtime.previews_of(p))
 
 
-def generate(p, with_script: bool = True) -> processing.Processed:
-    """One generation as the host runs it: ``with closing(p)``."""
+def generate(p, with_script: bool = True, others: tuple = ()) -> processing.Processed:
+    """One generation as the host runs it: ``with closing(p)``; ``others``: more alwayson scripts, run after CLoRA."""
     with contextlib.closing(p):
-        return processing.process_images(p, [ScriptAdapter()] if with_script else [])
+        return processing.process_images(p, ([ScriptAdapter()] if with_script else []) + list(others))
 
 
 def clora(*concepts: tuple[str, str], **settings) -> dict:

@@ -117,17 +117,18 @@ class Processed:
 
 
 class ScriptRunner:
-    """The alwayson scripts of one generation; Neo reports and swallows what they raise."""
+    """The alwayson scripts of one generation, each given its own slice of ``p.script_args``
+    (``args_from``/``args_to``); Neo reports and swallows what they raise."""
 
     def __init__(self, scripts: list):
-        self.scripts = scripts
+        self.alwayson_scripts = scripts
         self.calls: dict[str, int] = {}
 
     def _run(self, name: str, p, *args, **kwargs) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
-        for script in self.scripts:
+        for script in self.alwayson_scripts:
             try:
-                getattr(script, name)(p, *args, *p.script_args, **kwargs)
+                getattr(script, name)(p, *args, *p.script_args[script.args_from:script.args_to], **kwargs)
             except Exception:  # noqa: BLE001 - Neo's errors.report
                 print(f"*** Error running {name}: {type(script).__name__}")
                 traceback.print_exc()
@@ -143,6 +144,7 @@ class ScriptRunner:
 
 
 def process_images(p: StableDiffusionProcessing, scripts: list) -> Processed:
+    """``scripts``: the alwayson scripts, in the order they run (each with ``args_from``/``args_to``)."""
     model = shared.sd_model
     p.scripts = ScriptRunner(scripts)
     p.firstpass_steps = sd_samplers.find_sampler_config(p.sampler_name).total_steps(p.steps)
