@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -102,10 +101,6 @@ def add_setting(key: str, default: Any, label: str, component: Any, args: dict, 
 
 
 # -- host version and neighbours ---------------------------------------------------------------
-
-
-def forge_backend() -> bool:
-    return importlib.util.find_spec("modules_forge") is not None
 
 
 def replaced_unet_label() -> str | None:

@@ -98,8 +98,6 @@ def install() -> None:
 
 def check_host() -> None:
     """Refuse host setups whose UNet is not the ldm/sgm module CLoRA hooks into."""
-    if host.forge_backend():
-        raise CLoRARuntimeError("CLoRA: the Forge backend is not supported; CLoRA runs on AUTOMATIC1111 1.8.0 to 1.10.1")
     label = host.replaced_unet_label()  # a replaced UNet (TensorRT, ...) never runs our layers
     if label is not None:
         raise CLoRARuntimeError(
@@ -135,7 +133,7 @@ def begin(p: Any, args: Sequence[Any]) -> None:
             raise CLoRARuntimeError("CLoRA: the refiner switch is not supported; turn the refiner off to use CLoRA")
         units = host.controlnet_units_enabled(p)
         if units:
-            raise CLoRARuntimeError(_controlnet_message(f"ControlNet unit {units[0]} is enabled"))
+            raise CLoRARuntimeError(controlnet_message(f"ControlNet unit {units[0]} is enabled"))
         for concept in parsed.concepts:
             lora_bridge.on_disk(concept.lora)  # fail early, naming a LoRA that is missing
     except CLoRARuntimeError as e:
@@ -145,7 +143,7 @@ def begin(p: Any, args: Sequence[Any]) -> None:
     generations.open(p, parsed)
 
 
-def _controlnet_message(what: str) -> str:
+def controlnet_message(what: str) -> str:
     # its UNet hook cannot tell CLoRA's variant rows cond from uncond, and it runs the UNet's
     # encoder without gradients, so the latent updates would silently do nothing
     return (f"CLoRA: {what}; CLoRA does not run together with ControlNet yet. "
@@ -226,7 +224,7 @@ class Generation:
             return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
         try:
             if host.controlnet_marked(cond):  # hooked by ControlNet without an enabled unit in its args
-                raise CLoRARuntimeError(_controlnet_message("ControlNet is active for this generation"))
+                raise CLoRARuntimeError(controlnet_message("ControlNet is active for this generation"))
             if self._pass is None or not self._pass.serves(denoiser):
                 self._close_pass()
                 self._pass = Pass(self, denoiser, cond)

@@ -42,7 +42,7 @@ from ..a1111.plan import (
     token_map_schedule,
 )
 from ..a1111.previews import PreviewStore
-from ..a1111.runtime import _controlnet_message, refused, wants_clora
+from ..a1111.runtime import controlnet_message, refused, wants_clora
 from ..a1111.settings import row_cap, settings_defaults
 from . import host, lora_bridge
 
@@ -65,7 +65,7 @@ def begin(p: Any, args: Sequence[Any]) -> None:
             raise CLoRARuntimeError(f"CLoRA: {type(p).__name__} is neither txt2img nor img2img; CLoRA runs in those two")
         units = webui.controlnet_units_enabled(p)  # Neo's built-in ControlNet: its script's args, as on A1111
         if units:
-            raise CLoRARuntimeError(_controlnet_message(f"ControlNet unit {units[0]} is enabled"))
+            raise CLoRARuntimeError(controlnet_message(f"ControlNet unit {units[0]} is enabled"))
         for concept in parsed.concepts:
             lora_bridge.on_disk(concept.lora)
     except CLoRARuntimeError as e:
@@ -230,7 +230,7 @@ class Pass:
 
     def _step(self, model: Any, x: torch.Tensor, sigma: torch.Tensor, model_options: dict) -> torch.Tensor:
         if host.controlnet_active(self.generation.p):
-            raise CLoRARuntimeError(_controlnet_message("ControlNet is active for this generation"))
+            raise CLoRARuntimeError(controlnet_message("ControlNet is active for this generation"))
         if x.shape[0] != self.images:
             raise CLoRARuntimeError(f"CLoRA: the sampler runs {x.shape[0]} rows for {self.images} images; "
                                     "another extension changes the batch")
