@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--loras", help="comma-separated LoRA counts (default 2,8; --paper 2)")
     p.add_argument("--configs", help="subset of abcd (default abcd)")
     p.add_argument("--b-max-loras", type=int, help="skip (b) above this LoRA count (default 2)")
-    p.add_argument("--refine-iterations", type=int, help="refine count (default: the shipped 20)")
+    p.add_argument("--refine-iterations", type=int, help="refine count (default: the shipped 5; the paper: 20)")
     p.add_argument("--rounds", type=int, help="interleaved rounds of all configurations (default 3)")
     p.add_argument("--refine-tolerance", type=_tolerance, default=argparse.SUPPRESS,
                    help="(d) early-stop tolerance; 'none' = the paper's fixed count (the default)")
