@@ -60,6 +60,8 @@ def candidates(steps: int) -> dict[str, EngineSettings]:
             scale = paper.schedule.refine_iterations / n
             out[f"refine_{n}_step_{paper.step_size * scale:.0f}"] = dataclasses.replace(
                 paper, schedule=fewer, step_size=paper.step_size * scale)
+    out["refine_5_down_path_loss"] = dataclasses.replace(
+        paper, schedule=dataclasses.replace(paper.schedule, refine_iterations=5), down_path_loss=True)
     return out
 
 

@@ -48,6 +48,12 @@ class CaptureRequest:
     map_hw: tuple[int, int]
     grad: bool = False
     stop_early: bool = False
+    down_only: bool = False  # only the down path's H/32 layers (``input_blocks``); stops after the last of them
+
+
+def is_down_layer(name: str) -> bool:
+    """An attention layer of the UNet's down path (ldm/sgm ``input_blocks``)."""
+    return name.startswith("input_blocks.")
 
 
 class AttentionCapture:
@@ -132,6 +138,10 @@ class AttentionCapture:
             h, w = request.map_hw
             if "to_q" not in projections or projections["to_q"].shape[1] != h * w:
                 return
+            if request.down_only and not is_down_layer(name):
+                if request.stop_early and self.layers:  # the down path's maps are complete
+                    raise StopForward
+                return
             if "to_k" not in projections:
                 raise RuntimeError(f"{name}: the attention forward did not call to_k; cannot capture its maps")
             with torch.set_grad_enabled(request.grad):
@@ -139,7 +149,8 @@ class AttentionCapture:
             self._sum = probs if self._sum is None else self._sum + probs
             self._last_hw = (h, w)
             self.layers.append(name)
-            if request.stop_early and self.known_layers and name == self.known_layers[-1]:
+            known = [n for n in self.known_layers or [] if not request.down_only or is_down_layer(n)]
+            if request.stop_early and known and name == known[-1]:
                 raise StopForward
 
         return hook

@@ -127,6 +127,9 @@ class EngineSettings:
     # heavy-ball momentum of the latent update within one sampling step's iterations (reset every
     # step, so it acts on refinement only); 0 is the paper's plain gradient step
     momentum: float = 0.0
+    # the loss of the gradient passes from the down path's H/32 maps only (a pass stopped after
+    # input_blocks.8, about half the cost); False: every H/32 layer, the paper's (masks always are)
+    down_path_loss: bool = False
     tau: float = DEFAULT_TAU
     mask_threshold: float = 0.4
     morphology: Morphology = Morphology.NONE
@@ -615,7 +618,8 @@ class CLoRAEngine:
             raise ValueError(f"token maps were set for {len(positions)} images, the step has {images}")
         cols = positions.reshape(-1)
         return CaptureRequest(
-            rows=rows.to(x.device), cols=cols.to(x.device), map_hw=map_size(tuple(x.shape[-2:])), grad=grad, stop_early=grad
+            rows=rows.to(x.device), cols=cols.to(x.device), map_hw=map_size(tuple(x.shape[-2:])), grad=grad, stop_early=grad,
+            down_only=grad and self.settings.down_path_loss
         )
 
     def _routes(self, layout: RowLayout) -> list[Route]:

@@ -219,3 +219,34 @@ def test_functional_gradient_runs_on_inference_tensors_and_equals_autograd(tiny_
             assert engine.records[0].iterations == 2
     assert not torch.equal(x, x0)
     torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_down_path_loss_takes_the_maps_of_input_blocks_only_and_stops_after_them(tiny_unet):
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    gen = torch.Generator().manual_seed(8)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    x = torch.randn(1, 4, 16, 16, generator=gen)
+    seen = []
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: seen.append(n))
+               for n, m in tiny_unet.named_modules() if n.endswith("attn2")]
+    try:
+        for down in (False, True):
+            settings = EngineSettings(down_path_loss=down)
+            with CLoRAEngine(tiny_unet, [[], [], []], specs, settings) as engine:
+                engine.step(x.clone(), 30, 40, SigmaSpace(torch.tensor([2.0])), row_model)  # a fused pass: every layer
+                seen.clear()
+                engine.loss_and_gradient(x, row_model)
+                layers = list(engine.capture.layers)
+            ran = [n for n in seen]
+            if down:
+                assert layers and all(n.startswith("input_blocks.") for n in layers)
+                assert not any(n.startswith("output_blocks.") for n in ran)  # stopped after the down path
+            else:
+                assert any(n.startswith("output_blocks.") for n in layers)
+    finally:
+        for h in handles:
+            h.remove()
