@@ -1,10 +1,10 @@
-# Entry point the host loads: the glue for this host (A1111 or Forge Neo), or one line naming what is supported.
+# Entry point the host loads: the glue for this host (A1111, or Forge Neo / Forge 2.x), or one line naming what is supported.
 from clora_ext.a1111.compat import host_glue
 
 _glue, _unsupported = host_glue()
 if _unsupported:
     print(_unsupported)
-elif _glue == "neo":
+elif _glue == "forge":
     from clora_ext.forge.script import CLoRAScript  # noqa: F401
 else:
     from clora_ext.a1111.script import CLoRAScript  # noqa: F401

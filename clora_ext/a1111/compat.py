@@ -1,8 +1,9 @@
 """Which hosts CLoRA runs on, and which glue serves them, decided when the host loads the extension.
 
-AUTOMATIC1111 gets the A1111 glue (``clora_ext.a1111``), Forge Neo the Neo glue
-(``clora_ext.forge``); the other Forge-family hosts (lllyasviel Forge, reForge, Forge
-Classic) get one line naming what is supported, and no CLoRA script.
+AUTOMATIC1111 gets the A1111 glue (``clora_ext.a1111``), Forge Neo and lllyasviel Forge 2.x
+(the ``backend`` family) the Forge glue (``clora_ext.forge``); the other Forge-family hosts
+(reForge, Forge Classic, old Forge 0.0.x) get one line naming what is supported, and no
+CLoRA script.
 
 The glue reads host options and modules that AUTOMATIC1111 added in 1.8.0 (``emphasis``,
 ``sd_samplers_cfg_denoiser``, the CFG denoiser's step counters), so an older host gets
@@ -51,22 +52,27 @@ def host_reason() -> str | None:
 
 
 NEO = "neo"
-SUPPORTED_ALL = f"{SUPPORTED} and Forge Neo"
+FORGE = "forge"
+SUPPORTED_ALL = f"{SUPPORTED}, Forge Neo and lllyasviel Forge 2.x"
+_FORGE2 = re.compile(r"2\.\d+")
 
 
 def forge_reason(version: str | None, has_backend: bool, has_ldm_patched: bool) -> str | None:
-    """Why a Forge-family host cannot run CLoRA (None for Forge Neo). ``version``:
-    ``modules_forge.forge_version.version``; ``has_backend``/``has_ldm_patched``: which backend
-    package the host has (lllyasviel Forge 2.x and Neo: ``backend``; reForge, Classic and old
-    Forge 0.0.x: ``ldm_patched``)."""
+    """Why a Forge-family host cannot run CLoRA (None for Forge Neo and lllyasviel Forge 2.x, which
+    share the ``backend`` package and the Forge glue). ``version``: ``modules_forge.forge_version.version``
+    ("neo"; "2.0.1v1.10.1" for Forge 2.x); ``has_backend``/``has_ldm_patched``: which backend package
+    the host has (lllyasviel Forge 2.x and Neo: ``backend``; reForge, Classic and old Forge 0.0.x:
+    ``ldm_patched``)."""
     if version == NEO:
+        return None
+    if has_backend and not has_ldm_patched and version and _FORGE2.match(version):
         return None
     if version == "classic":
         name = "Forge Classic"
     elif has_ldm_patched:
         name = "reForge or Forge 0.0.x"
     elif has_backend:
-        name = "lllyasviel Forge"
+        name = "a Forge with the backend package but an unknown version"
     else:
         name = "an unknown Forge"
     shown = f" {version}" if version else ""
@@ -74,7 +80,8 @@ def forge_reason(version: str | None, has_backend: bool, has_ldm_patched: bool) 
 
 
 def host_glue() -> tuple[str, str | None]:
-    """("a1111" or "neo", why the running host cannot run CLoRA or None) (call from the entry script)."""
+    """("a1111" or "forge", why the running host cannot run CLoRA or None) (call from the entry script).
+    "forge" is the glue of the ``backend`` family (Forge Neo, lllyasviel Forge 2.x)."""
     if importlib.util.find_spec("modules_forge") is None:
         return "a1111", host_reason()
     try:
@@ -83,4 +90,4 @@ def host_glue() -> tuple[str, str | None]:
         version = None
     has_backend = importlib.util.find_spec("backend") is not None
     has_ldm_patched = importlib.util.find_spec("ldm_patched") is not None
-    return NEO, forge_reason(version, has_backend, has_ldm_patched)
+    return FORGE, forge_reason(version, has_backend, has_ldm_patched)

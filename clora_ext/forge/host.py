@@ -1,11 +1,26 @@
-"""Every access to Forge Neo's own internals (its ``backend`` package and the sampling objects
-it puts on ``p``), in one module: the Neo seam.
+"""Every access to the internals of the Forge ``backend`` family (Forge Neo and lllyasviel Forge
+2.x: its ``backend`` package and the sampling objects it puts on ``p``), in one module: the
+seam, where the two hosts' differences are decided.
 
-What Neo keeps of AUTOMATIC1111's API (``shared.opts``, ``shared.state``, the Lora
+What these hosts keep of AUTOMATIC1111's API (``shared.opts``, ``shared.state``, the Lora
 extension's listing, ``ui_components``, the script classes) is reached through
-``clora_ext.a1111.host`` as on A1111; this module holds what only Neo has: the
-UnetPatcher and its model options, KModel, the ``backend`` LoRA loader, the CLIP
-patcher and the text processing engine.
+``clora_ext.a1111.host`` as on A1111; this module holds what only the ``backend`` family has:
+the UnetPatcher and its model options, KModel, the ``backend`` LoRA loader, the CLIP patcher
+and the text processing engine.
+
+Where Forge 2.x (lllyasviel, ``forge_version.version == "2.0.1v1.10.1"`` at dfdcbab6) differs
+from Neo:
+- its LoRA reader returns tuples, ``("lora", (up, down, alpha, mid, dora_scale))``,
+  ``("loha", ...)``, ``("lokr", ...)``, not adapter objects; their dense delta comes from
+  its ``merge_lora_to_weight`` (``read_adapter``);
+- its KModel leaves the UNet parameters at ``requires_grad=True`` (made under inference mode).
+  Measured (torch 2.13, the tiny ldm UNet): ``func.vjp(functionalize(f))`` works on them inside
+  inference mode with ``requires_grad`` True or off; outside inference mode it fails unless
+  ``requires_grad_(False)``, which then cannot be undone there. So CLoRA's step runs inside
+  inference mode on both hosts (``gradient_mode``), where the engine's temporary
+  ``requires_grad_(False)`` and its restore both work;
+- it never calls the ``cfg_denoised`` callback (the glue uses none of the CFG callbacks).
+Everything else the glue uses has the same names and signatures (line numbers differ).
 """
 
 from __future__ import annotations
@@ -17,6 +32,27 @@ from typing import Any, Callable, Iterator
 import torch
 
 from modules import prompt_parser, sd_samplers_common, shared
+
+NEO, FORGE2 = "neo", "forge2"
+
+
+def flavour() -> str:
+    """Which host of the family runs: "neo" (``forge_version.version == "neo"``) or "forge2"
+    (lllyasviel Forge 2.x; ``compat.host_glue`` serves no other ``backend`` host)."""
+    from modules_forge import forge_version
+
+    return NEO if getattr(forge_version, "version", None) == NEO else FORGE2
+
+
+def host_name() -> str:
+    return "Forge Neo" if flavour() == NEO else "Forge 2.x"
+
+
+def gradient_mode() -> Any:
+    """The mode CLoRA's step (and its functional gradient pass) runs in: inference mode. Both hosts
+    call the conditioning modifier inside it already; Forge 2.x's ``requires_grad=True`` inference
+    weights need it (see the module docstring), so it is made explicit here."""
+    return torch.inference_mode()
 
 # -- the UNet patcher of one sampling pass ----------------------------------------------------------
 
@@ -71,7 +107,7 @@ def step_and_total(p: Any, model_options: dict, sigma: torch.Tensor) -> tuple[in
 
 
 def is_k_diffusion(p: Any) -> bool:
-    """Neo converts its timestep samplers to sigma space too: the wrapper always sees x0 + sigma*eps."""
+    """The family converts its timestep samplers to sigma space too: the wrapper always sees x0 + sigma*eps."""
     return True
 
 
@@ -81,7 +117,7 @@ def sampler_function(p: Any) -> str | None:
 
 
 def controlnet_active(p: Any) -> bool:
-    """Whether a ControlNet is attached to this sampling's UNet patcher (Neo's built-in
+    """Whether a ControlNet is attached to this sampling's UNet patcher (the host's built-in
     sd_forge_controlnet puts its units there, after CLoRA's pbes or before)."""
     return getattr(unet_patcher(p), "controlnet_linked_list", None) is not None
 
@@ -98,7 +134,7 @@ def inpaint_region(p: Any) -> torch.Tensor | None:
 
 def watch_sampler_latent(p: Any, keep: Callable[[torch.Tensor], None]) -> Any:
     """Hand ``keep`` the sampler's own x at every call of the CFG denoiser (a forward pre-hook on it;
-    the handle, or None without a denoiser). In inpainting Neo blends x with the noised original
+    the handle, or None without a denoiser). In inpainting the host blends x with the noised original
     before the conditioning modifier, which so gets a copy: an update must reach the sampler's x too."""
     denoiser = _denoiser(p)
     if not isinstance(denoiser, torch.nn.Module):
@@ -110,7 +146,7 @@ def is_hires_pass(p: Any) -> bool:
     return bool(getattr(p, "is_hr_pass", False))
 
 
-# -- LoRA files through Neo's own loader -------------------------------------------------------------
+# -- LoRA files through the host's own loader -------------------------------------------------------------
 
 
 def load_lora_file(path: str) -> dict:
@@ -120,8 +156,10 @@ def load_lora_file(path: str) -> dict:
 
 
 def lora_patches(state_dict: dict, p: Any) -> tuple[dict, dict, int]:
-    """({UNet key: adapter}, {CLIP key: adapter}, unmatched count) by Neo's own key maps and ``load_lora``.
-    UNet keys are KModel state-dict keys (``diffusion_model.<module>.weight``)."""
+    """({UNet key: adapter}, {CLIP key: adapter}, unmatched count) by the host's own key maps and
+    ``load_lora`` (adapters: Neo's objects, Forge 2.x's tuples; ``read_adapter`` reads both, and the
+    CLIP ones go back to the host's own CLIP patcher as they are). UNet keys are KModel state-dict
+    keys (``diffusion_model.<module>.weight``)."""
     from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
 
     objects = p.sd_model.forge_objects
@@ -134,7 +172,7 @@ def lora_patches(state_dict: dict, p: Any) -> tuple[dict, dict, int]:
 
 @dataclass(frozen=True)
 class Adapter:
-    """One adapter of Neo's loader, read: ``kind`` "lora" with (up, down, alpha, mid, dora_scale), or the
+    """One adapter of the host's loader, read: ``kind`` "lora" with (up, down, alpha, mid, dora_scale), or the
     adapter's class name; ``delta(weight)`` is the full weight delta at strength 1."""
 
     kind: str
@@ -146,6 +184,9 @@ class Adapter:
 
 
 def read_adapter(key: str, adapter: Any) -> Adapter:
+    if isinstance(adapter, tuple):  # Forge 2.x's reader: (kind, tensors)
+        return _read_patch_tuple(key, adapter)
+
     def delta(weight: torch.Tensor) -> torch.Tensor:
         return adapter.calculate_weight(torch.zeros_like(weight), key, 1.0, 1.0, None, lambda a: a)
 
@@ -155,6 +196,28 @@ def read_adapter(key: str, adapter: Any) -> Adapter:
         plain = mid is None and dora_scale is None and up.dim() == 2 and down.dim() == 2
         return Adapter("lora", up, down, None if alpha is None else float(alpha), plain, delta)
     return Adapter(name, None, None, None, False, delta)
+
+
+def _read_patch_tuple(key: str, patch: tuple) -> Adapter:
+    """Forge 2.x: ``("lora", (up, down, alpha, mid, dora_scale))`` and the other kinds of its comfy
+    reader (their tensors' last entry is the DoRA scale, or a one-tensor "diff"/"set"). The full delta
+    comes from the host's own ``merge_lora_to_weight``; with a DoRA scale it is taken against the real
+    weight (DoRA renormalises the merged weight), otherwise against zeros."""
+    kind, tensors = patch
+
+    def delta(weight: torch.Tensor) -> torch.Tensor:
+        from backend.patcher.lora import merge_lora_to_weight
+
+        dora = kind not in ("diff", "set") and len(tensors) > 1 and tensors[-1] is not None
+        base = weight.float() if dora else torch.zeros_like(weight, dtype=torch.float32)
+        merged = merge_lora_to_weight([[1.0, patch, 1.0, None, None]], base, key, computation_dtype=torch.float32)
+        return merged - base
+
+    if kind == "lora":
+        up, down, alpha, mid, dora_scale = tensors[:5]
+        plain = mid is None and dora_scale is None and up.dim() == 2 and down.dim() == 2
+        return Adapter("lora", up, down, None if alpha is None else float(alpha), plain, delta)
+    return Adapter(str(kind), None, None, None, False, delta)
 
 
 def model_parameter(p: Any, key: str) -> torch.Tensor:
@@ -198,7 +261,7 @@ def prompt_schedules(texts: list[str], steps: int, hires_steps: int | None) -> l
 
 
 def prompt_chunker(p: Any) -> Any:
-    """Neo's text processing engine (tokenize_line, id_start, id_end, id_pad)."""
+    """The host's text processing engine (tokenize_line, id_start, id_end, id_pad)."""
     return p.sd_model.text_processing_engine
 
 

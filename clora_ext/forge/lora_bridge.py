@@ -1,10 +1,10 @@
-"""LoRAs through Forge Neo's own loader, read into the core's per-row deltas (host-facing).
+"""LoRAs through the Forge host's own loader (Neo, Forge 2.x), read into the core's per-row deltas (host-facing).
 
-A file is parsed by Neo's ``load_lora`` with its own UNet and CLIP key maps (kohya,
+A file is parsed by the host's ``load_lora`` with its own UNet and CLIP key maps (kohya,
 diffusers and PEFT names). UNet adapters become deltas for the core's RowRouter,
 keyed by module name in the diffusion model: plain LoRA stays low-rank, anything else
 is built by the adapter's own ``calculate_weight`` once per routed pass. CLIP adapters
-stay Neo's own objects: they are added to a clone of the CLIP patcher while a variant
+stay the host's own objects (Neo's adapters, Forge 2.x's tuples): they are added to a clone of the CLIP patcher while a variant
 is encoded. The concept LoRAs are never applied to the UNet weights.
 Listing and lookup (``on_disk``) are the Lora extension's, shared with the A1111 glue.
 """
@@ -29,19 +29,19 @@ PREFIX, SUFFIX = "diffusion_model.", ".weight"
 
 
 @dataclass
-class NeoLoRA:
+class ForgeLoRA:
     name: str
     path: str
     mtime: float
     unet: dict[str, Delta] = field(default_factory=dict)  # diffusion-model module name -> delta at strength 1
-    clip: dict = field(default_factory=dict)  # Neo's CLIP patches, for the CLIP patcher
+    clip: dict = field(default_factory=dict)  # the host's CLIP patches, for the CLIP patcher
 
 
 CACHE_SIZE = 8
-_cache: "OrderedDict[tuple, NeoLoRA]" = OrderedDict()
+_cache: "OrderedDict[tuple, ForgeLoRA]" = OrderedDict()
 
 
-def load(name: str, p: Any) -> NeoLoRA:
+def load(name: str, p: Any) -> ForgeLoRA:
     entry = on_disk(name)
     path = webui.lora_path(entry)
     mtime = os.path.getmtime(path)
@@ -58,7 +58,7 @@ def load(name: str, p: Any) -> NeoLoRA:
     return _cache[key]
 
 
-def _load(name: str, path: str, mtime: float, p: Any) -> NeoLoRA:
+def _load(name: str, path: str, mtime: float, p: Any) -> ForgeLoRA:
     try:
         state = host.load_lora_file(path)
         unet, clip, unmatched = host.lora_patches(state, p)
@@ -66,7 +66,7 @@ def _load(name: str, path: str, mtime: float, p: Any) -> NeoLoRA:
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} cannot be read ({type(e).__name__}: {e}); is the file complete?") from None
     if not unet and not clip:
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} has no layer that matches the loaded model")
-    lora = NeoLoRA(name, path, mtime, clip=clip)
+    lora = ForgeLoRA(name, path, mtime, clip=clip)
     for key, adapter in unet.items():
         if not (key.startswith(PREFIX) and key.endswith(SUFFIX)):
             continue

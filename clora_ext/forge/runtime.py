@@ -1,11 +1,12 @@
-"""The CLoRA generation lifecycle on Forge Neo, through Neo's own extension points (host-facing).
+"""The CLoRA generation lifecycle on the Forge ``backend`` family (Forge Neo, lllyasviel Forge 2.x),
+through the host's own extension points (host-facing; the hosts' differences are decided in ``host``).
 
 - ``begin`` (the script's ``process``): parse the arguments (the shared parameter model), check
   the LoRAs, open the generation. As on A1111, an error cannot be raised there (the host logs
   and swallows script exceptions); the generation carries it and its first model call fails
   the request with 422.
 - ``before_sampling`` (the script's ``process_before_every_sampling``): a pass is built for
-  this sampling: variant plan, LoRA deltas (Neo's loader), variant encodings (each with its
+  this sampling: variant plan, LoRA deltas (the host's loader), variant encodings (each with its
   LoRAs' CLIP patches on a clone of the CLIP patcher), token maps, and a *clone* of the
   pass's UnetPatcher with
   * a conditioning modifier, which receives the sampler's own x: it runs ``fused_step`` (the
@@ -14,7 +15,7 @@
     ``KModel.apply_model``, masks, fusion) and keeps the fused rows;
   * a unet function wrapper, which serves those fused rows to the host in its own row order
     (``cond_or_uncond``), so the host's CFG, callbacks and previews stay its own.
-  The clone is put back on ``p.sd_model.forge_objects`` and dies with the sampling (Neo
+  The clone is put back on ``p.sd_model.forge_objects`` and dies with the sampling (the host
   resets ``forge_objects`` before every sampling): nothing to undo in the host's patchers.
   Hooks on the diffusion model's modules (map capture, per-row routing, interrupt checks)
   are taken off when the pass closes (next pass, sampling error, or the host closing ``p``).
@@ -63,7 +64,7 @@ def begin(p: Any, args: Sequence[Any]) -> None:
     try:
         if not (webui.is_txt2img(p) or webui.is_img2img(p)):
             raise CLoRARuntimeError(f"CLoRA: {type(p).__name__} is neither txt2img nor img2img; CLoRA runs in those two")
-        units = webui.controlnet_units_enabled(p)  # Neo's built-in ControlNet: its script's args, as on A1111
+        units = webui.controlnet_units_enabled(p)  # the host's built-in ControlNet: its script's args, as on A1111
         if units:
             raise CLoRARuntimeError(controlnet_message(f"ControlNet unit {units[0]} is enabled"))
         for concept in parsed.concepts:
@@ -163,7 +164,7 @@ def _passthrough(apply_model: Any, args: dict) -> torch.Tensor:
 
 
 class Pass:
-    """One sampling (one batch, first pass or hires) on Neo."""
+    """One sampling (one batch, first pass or hires) on a ``backend``-family host."""
 
     def __init__(self, generation: Generation):
         p = generation.p
@@ -177,7 +178,7 @@ class Pass:
         except ValueError as e:
             raise CLoRARuntimeError(f"CLoRA: {e}") from None
         if host.model_family(p) != "SD1":
-            raise CLoRARuntimeError(f"CLoRA on Forge Neo runs SD1.x checkpoints only so far; this checkpoint is "
+            raise CLoRARuntimeError(f"CLoRA on {host.host_name()} runs SD1.x checkpoints only so far; this checkpoint is "
                                     f"{host.model_family(p)}. Load an SD1.x checkpoint or turn CLoRA off")
         self.loras = {c.lora: lora_bridge.load(c.lora, p) for c in args.concepts}
         self.conds = _encode(p, self.plan, self.loras, facts)
@@ -219,7 +220,8 @@ class Pass:
     # -- the conditioning modifier: the sampler's x, before the host's cond/uncond batch ----------
     def modifier(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
         try:
-            self._fused = self._step(model, x, timestep, model_options)
+            with host.gradient_mode():
+                self._fused = self._step(model, x, timestep, model_options)
         except (CLoRARuntimeError, CLoRAArgsError) as e:
             self.generation.close_pass()
             raise refused(e) from None
@@ -253,7 +255,7 @@ class Pass:
 
         image_cond = x.new_zeros((x.shape[0], 1, 1, 1))  # SD1.x txt2img: no concat conditioning
         # inpainting: the update acts inside the inpaint mask only (the host's blend keeps the rest), and
-        # Neo hands the modifier a blended copy of the sampler's x, so the update is carried over to it
+        # the host hands the modifier a blended copy of the sampler's x, so the update is carried over to it
         region = host.inpaint_region(self.generation.p)
         sampler_x = self._sampler_x
         carry = region is not None and sampler_x is not None and sampler_x is not x and self.updates

@@ -1,4 +1,4 @@
-"""The AlwaysOn script Forge Neo loads: the shared UI, and the hand-over to the Neo ``runtime`` (host-facing)."""
+"""The AlwaysOn script Forge Neo and Forge 2.x load: the shared UI, and the hand-over to the ``runtime`` (host-facing)."""
 
 from __future__ import annotations
 
