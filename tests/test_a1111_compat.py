@@ -22,11 +22,13 @@ def test_older_hosts_are_refused_with_the_supported_range():
     assert unsupported_reason("<none>") is None  # a checkout without tags: the glue's own checks apply
 
 
-def test_forge_neo_is_served_and_other_forges_named():
+def test_forge_neo_and_forge_2x_are_served_and_other_forges_named():
     from clora_ext.a1111.compat import forge_reason
 
     assert forge_reason("neo", True, False) is None
+    assert forge_reason("2.0.1v1.10.1", True, False) is None  # lllyasviel Forge 2.x (backend/, no ldm_patched)
     assert "Forge Classic" in forge_reason("classic", False, True)
     assert "reForge" in forge_reason("1.0.0v2-v1.10.1RC", False, True)
-    message = forge_reason("2.0.1v1.10.1", True, False)
-    assert "lllyasviel Forge 2.0.1v1.10.1" in message and "Forge Neo" in message and "\n" not in message
+    assert "reForge or Forge 0.0.x" in forge_reason("0.0.17v1.8.0rc", False, True)
+    message = forge_reason("1.0.0", True, False)
+    assert "unknown version 1.0.0" in message and "Forge Neo and lllyasviel Forge 2.x" in message and "\n" not in message

@@ -1,5 +1,7 @@
 """The fake Forge Neo host (fake_neo/) in place of Neo's ``modules``, ``modules_forge``, ``backend``
-and ``networks``, and the Neo glue on top.
+and ``networks``, and the Forge glue on top. Every test runs on two hosts of the ``backend``
+family (the ``flavour`` fixture): "neo" (Forge Neo) and "forge2" (lllyasviel Forge 2.x: version
+"2.0.1v1.10.1", its tuple LoRA reader, UNet weights that keep ``requires_grad=True``).
 
 This tier runs in a process of its own (its ``modules`` package is not the A1111 fake's of
 tests/host): ``pytest tests`` runs it through tests/test_fake_neo_tier.py, and
@@ -24,15 +26,25 @@ if FAKE not in sys.path:
 
 from modules import shared  # noqa: E402  (the fake Neo's)
 
+import modules_forge.forge_version as forge_version  # noqa: E402
 import networks  # noqa: E402
+from backend.patcher import lora as host_lora  # noqa: E402
 from clora_ext.devtools.loras import UNET_TARGETS, kohya_unet_key, lora_targets, write_kohya_lora  # noqa: E402
 from clora_ext.forge import lora_bridge, runtime  # noqa: E402
 from world import FakeNeoModel  # noqa: E402
 
 
+VERSIONS = {"neo": "neo", "forge2": "2.0.1v1.10.1"}
+
+
+@pytest.fixture(scope="session", params=sorted(VERSIONS, reverse=True))
+def flavour(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def fake_model() -> FakeNeoModel:
-    return FakeNeoModel(unet_seed=0, te_seed=0)
+def fake_model(flavour) -> FakeNeoModel:
+    return FakeNeoModel(unet_seed=0, te_seed=0, flavour=flavour)
 
 
 def _write_loha(path: str, unet: torch.nn.Module, seed: int) -> None:
@@ -57,15 +69,18 @@ def lora_dir(tmp_path_factory, fake_model) -> str:
     folder = tmp_path_factory.mktemp("Lora")
     unet = fake_model.diffusion_model
     te = fake_model.forge_objects.clip.cond_stage_model.clip_l.transformer
-    for seed, name in enumerate(["cat_lora", "dog_lora", "fox_lora"]):
-        write_kohya_lora(folder / f"{name}.safetensors", unet, te, seed=seed + 1, strength=2.0)
-    _write_loha(str(folder / "cat_loha.safetensors"), unet, 11)
+    with torch.no_grad():  # Forge 2.x's weights require grad (inference tensors: no graph can be made on them)
+        for seed, name in enumerate(["cat_lora", "dog_lora", "fox_lora"]):
+            write_kohya_lora(folder / f"{name}.safetensors", unet, te, seed=seed + 1, strength=2.0)
+        _write_loha(str(folder / "cat_loha.safetensors"), unet, 11)
     return str(folder)
 
 
 @pytest.fixture
-def fake_host(fake_model, lora_dir):
-    """A started fake Neo with ``fake_model`` loaded and the LoRA folder listed."""
+def fake_host(fake_model, lora_dir, monkeypatch):
+    """A started fake host (Neo or Forge 2.x) with ``fake_model`` loaded and the LoRA folder listed."""
+    monkeypatch.setattr(forge_version, "version", VERSIONS[fake_model.flavour])
+    monkeypatch.setattr(host_lora, "FLAVOUR", fake_model.flavour)
     shared.reset(fake_model)
     networks.lora_dir = lora_dir
     networks.list_available_networks()
@@ -79,6 +94,9 @@ def fake_host(fake_model, lora_dir):
     for objects in (fake_model.forge_objects_original, fake_model.forge_objects_after_applying_lora):
         assert set(objects.unet.model_options) == {"transformer_options"}, "the glue changed the host's own patcher"
         assert not objects.clip.patcher.patches, "the glue patched the host's own CLIP"
+    # Forge 2.x's weights keep requires_grad=True (the engine switches it off for a gradient pass
+    # and back on), Neo's stay off
+    assert all(w.requires_grad == (fake_model.flavour == "forge2") for w in fake_model.diffusion_model.parameters())
 
 
 def _hook_count(model: FakeNeoModel) -> int:

@@ -3,6 +3,8 @@ the gradient inside inference mode, refusals, interrupt, hires, img2img, row cap
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from modules import processing, shared
@@ -74,12 +76,39 @@ def test_on_composes_and_cleans_up(fake_host, fake_model, monkeypatch, capsys):
     assert patched and all(clip is not fake_model.forge_objects_after_applying_lora.clip for clip in patched)
 
 
+@contextlib.contextmanager
+def _ldm_checkpointing_off(unet):
+    flags = [(m, a) for m in unet.modules() for a in ("checkpoint", "use_checkpoint") if m.__dict__.get(a) is True]
+    for m, a in flags:
+        setattr(m, a, False)
+    try:
+        yield
+    finally:
+        for m, a in flags:
+            setattr(m, a, True)
+
+
 def test_the_gradient_runs_inside_inference_mode(fake_host, fake_model, monkeypatch):
     unet = fake_model.diffusion_model
-    assert all(w.is_inference() and not w.requires_grad for w in unet.parameters())
+    forge2 = fake_model.flavour == "forge2"  # Forge 2.x's weights keep requires_grad=True
+    assert all(w.is_inference() and w.requires_grad == forge2 for w in unet.parameters())
     x = torch.randn((1, 4, 8, 8))
     t = torch.tensor([500.0])
     context = torch.randn((1, 77, 32))
+    if forge2:
+        # measured on Forge 2.x's kind of weights (requires_grad=True inference tensors): the
+        # functional gradient fails outside inference mode and works inside it, which is why the
+        # glue's step runs there (forge.host.gradient_mode)
+        def loss(z):
+            return unet(z, t, context=context).square().mean()
+
+        with _ldm_checkpointing_off(unet):  # as in the engine's gradient pass
+            with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+                torch.func.vjp(torch.func.functionalize(loss), x.clone())
+            with torch.inference_mode():
+                out, vjp = torch.func.vjp(torch.func.functionalize(loss), x.clone())
+                assert vjp(torch.ones_like(out))[0].abs().sum() > 0
+        assert all(w.requires_grad for w in unet.parameters())
     # plain autograd cannot run on this model: not outside inference mode (inference weights are
     # saved for backward) ...
     with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
@@ -276,5 +305,40 @@ def test_sdxl_is_refused_with_a_message(fake_host, fake_model, monkeypatch):
     with pytest.raises(RequestRefused) as refused:
         generate(txt2img(script_args=(clora(*PAIR),)))
     assert refused.value.status_code == 422
-    assert refused.value.detail == ("CLoRA on Forge Neo runs SD1.x checkpoints only so far; this checkpoint is SDXL. "
+    name = {"neo": "Forge Neo", "forge2": "Forge 2.x"}[fake_model.flavour]
+    assert refused.value.detail == (f"CLoRA on {name} runs SD1.x checkpoints only so far; this checkpoint is SDXL. "
                                     "Load an SD1.x checkpoint or turn CLoRA off")
+
+
+def test_both_lora_readers_give_the_same_deltas(fake_host, fake_model, monkeypatch):
+    """Neo's reader (adapter objects) and Forge 2.x's (tuples: ("lora", (up, down, alpha, mid, dora)),
+    ("loha", ...)) must give the glue the same per-layer deltas: low-rank for plain LoRA, the dense
+    delta (Neo: the adapter's calculate_weight; Forge 2.x: merge_lora_to_weight) for LoHa."""
+    from backend.patcher import lora as host_lora
+
+    from clora_ext.forge import lora_bridge
+    from clora_ext.routing import LazyDelta, LowRankDelta
+
+    p = txt2img()
+    read = {}
+    for form in ("neo", "forge2"):
+        monkeypatch.setattr(host_lora, "FLAVOUR", form)
+        lora_bridge.clear_cache()
+        with torch.inference_mode():
+            read[form] = {name: lora_bridge.load(name, p) for name in ("cat_lora", "cat_loha")}
+    for name in ("cat_lora", "cat_loha"):
+        neo, forge2 = read["neo"][name].unet, read["forge2"][name].unet
+        assert neo.keys() == forge2.keys() and neo
+        assert set(read["neo"][name].clip) == set(read["forge2"][name].clip)
+        for module in neo:
+            a, b = neo[module], forge2[module]
+            assert type(a) is type(b)
+            if isinstance(a, LowRankDelta):
+                assert torch.equal(a.down, b.down) and torch.equal(a.up, b.up) and a.scale == b.scale
+            else:
+                assert isinstance(a, LazyDelta)
+                with torch.inference_mode():
+                    assert torch.allclose(a.build()[0], b.build()[0], atol=1e-6)
+    forge2_clip = next(iter(read["forge2"]["cat_lora"].clip.values()))
+    assert isinstance(forge2_clip, tuple) and forge2_clip[0] == "lora"  # handed to the CLIP patcher as read
+    assert any(isinstance(d, LowRankDelta) for d in read["forge2"]["cat_lora"].unet.values())

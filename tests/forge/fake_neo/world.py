@@ -1,5 +1,6 @@
 """The fake Neo's checkpoint: the tiny SD1.5-layout ldm UNet and CLIP text encoder, loaded as Neo
-loads a model (weights as inference tensors, ``requires_grad`` off), behind Neo's objects:
+loads a model (weights as inference tensors, ``requires_grad`` off; as lllyasviel Forge 2.x does
+with ``flavour="forge2"``: inference tensors that keep ``requires_grad=True``), behind Neo's objects:
 ``forge_objects`` (a UnetPatcher over a KModel, a CLIP patcher), the copies Neo resets them
 from, and the text processing engine (chunker and encoder in one)."""
 
@@ -20,12 +21,16 @@ from clora_ext.devtools.tiny_sd import BOS, EOS, build_tiny_text_encoder, build_
 from clora_ext.tokens import CHUNK_CONTENT
 
 
-def load_as_inference(module: nn.Module) -> nn.Module:
-    """Every parameter and buffer of ``module`` replaced by an inference tensor of the same value."""
+def load_as_inference(module: nn.Module, requires_grad_off: bool = True) -> nn.Module:
+    """Every parameter and buffer of ``module`` replaced by an inference tensor of the same value;
+    ``requires_grad`` switched off as Neo's KModel does, or left on (Forge 2.x's KModel does not)."""
     with torch.inference_mode():
         state = {k: v.clone() for k, v in module.state_dict().items()}
         module.load_state_dict(state, assign=True)
-    module.requires_grad_(False)
+        if not requires_grad_off:  # nn.Parameter's default, which Forge 2.x's weights keep
+            module.requires_grad_(True)
+    if requires_grad_off:
+        module.requires_grad_(False)
     return module
 
 
@@ -79,13 +84,15 @@ class FakeNeoModel:
 
     is_sd1, is_sdxl = True, False
 
-    def __init__(self, unet_seed: int = 0, te_seed: int = 0):
+    def __init__(self, unet_seed: int = 0, te_seed: int = 0, flavour: str = "neo"):
+        self.flavour = flavour
         self.schedule = NoiseSchedule()
-        unet = load_as_inference(build_tiny_unet("sd15", seed=unet_seed))
+        unet = load_as_inference(build_tiny_unet("sd15", seed=unet_seed), requires_grad_off=flavour == "neo")
         encoder = nn.Module()
         encoder.clip_l = nn.Module()
         encoder.clip_l.transformer = load_as_inference(build_tiny_text_encoder(seed=te_seed))
-        self.forge_objects = ForgeObjects(UnetPatcher(KModel(unet, self.schedule)), CLIP(encoder))
+        kmodel = KModel(unet, self.schedule, requires_grad_off=flavour == "neo")
+        self.forge_objects = ForgeObjects(UnetPatcher(kmodel), CLIP(encoder))
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
         self.text_processing_engine = TextProcessingEngine(self)

@@ -3,7 +3,8 @@
 ``apply_model(x, t, c_concat, c_crossattn, control, transformer_options)`` takes the
 sampler's x (= x_t / sqrt(abar)) and sigma ``t``, feeds the UNet x / sqrt(sigma^2 + 1) and
 the timestep of sigma, and returns the denoised x0 = x - sigma * eps. The diffusion model
-is eval, ``requires_grad_(False)``, and its weights are inference tensors (``world.py``
+is eval, ``requires_grad_(False)`` (Neo; lllyasviel Forge 2.x's KModel leaves ``requires_grad``
+as it is: ``requires_grad_off=False``), and its weights are inference tensors (``world.py``
 loads them under ``torch.inference_mode()``, as Neo's loader does).
 """
 
@@ -31,11 +32,12 @@ class Predictor:
 
 
 class KModel(torch.nn.Module):
-    def __init__(self, diffusion_model: torch.nn.Module, schedule):
+    def __init__(self, diffusion_model: torch.nn.Module, schedule, requires_grad_off: bool = True):
         super().__init__()
         self.diffusion_model = diffusion_model
         self.diffusion_model.eval()
-        self.diffusion_model.requires_grad_(False)
+        if requires_grad_off:
+            self.diffusion_model.requires_grad_(False)
         self.predictor = Predictor(schedule)
         self.calls: list[int] = []  # rows per call (what the tests look at)
 

@@ -64,6 +64,12 @@ class ModelPatcher:
                 weight = params[key]
                 saved.append((weight, weight.clone()))
                 for strength, adapter, strength_model in entries:
+                    if isinstance(adapter, tuple):  # Forge 2.x's reader
+                        from .lora import merge_lora_to_weight
+
+                        merged = merge_lora_to_weight([[strength, adapter, strength_model, None, None]], weight, key)
+                        weight.copy_(merged.to(weight.dtype))
+                        continue
                     weight.copy_(adapter.calculate_weight(weight.clone(), key, strength, strength_model, None,
                                                           lambda a: a))
         try:

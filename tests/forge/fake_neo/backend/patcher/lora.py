@@ -5,10 +5,15 @@ models to file keys, and ``load_lora`` turning a file's tensors into weight adap
   plain names of the KModel's ``diffusion_model.*.weight`` keys;
 - ``model_lora_keys_clip(cond_stage_model, key_map)``: ``lora_te_text_model_*`` names of the
   SD1 text encoder's ``clip_l.transformer.text_model.*.weight`` keys;
-- ``load_lora(lora, to_load)`` -> ({model key: adapter}, {tensors not used}). Adapters:
+- ``load_lora(lora, to_load)`` -> ({model key: adapter}, {tensors not used}). Neo's adapters:
   ``LoRAAdapter`` (``.weights = (up, down, alpha, mid, dora_scale, reshape)``) and
   ``LoHaAdapter``; both build their delta in ``calculate_weight(weight, key, strength,
   strength_model, offset, function)``, which adds it to ``weight`` and returns it.
+  With ``FLAVOUR = "forge2"`` (set by the tests) it returns what lllyasviel Forge 2.x's comfy
+  reader returns instead: tuples ``("lora", (up, down, alpha, mid, dora_scale))`` and
+  ``("loha", (w1a, w1b, alpha, w2a, w2b, t1, t2, dora_scale))``, merged by
+  ``merge_lora_to_weight(patches, weight, key, computation_dtype)`` with patch entries
+  ``[strength, (kind, tensors), strength_model, offset, function]``.
 """
 
 from __future__ import annotations
@@ -87,6 +92,27 @@ class LoHaAdapter(WeightAdapterBase):
 
 
 ADAPTERS = (LoRAAdapter, LoHaAdapter)
+FLAVOUR = "neo"  # or "forge2": the form load_lora returns
+
+
+def as_forge2_tuple(adapter: WeightAdapterBase) -> tuple:
+    if isinstance(adapter, LoRAAdapter):
+        up, down, alpha, mid, dora_scale, _ = adapter.weights
+        return ("lora", (up, down, alpha, mid, dora_scale))
+    return ("loha", adapter.weights)
+
+
+def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=torch.float32):
+    """Forge 2.x's merge of tuple patches into (a copy of) ``weight``."""
+    weight = weight.to(computation_dtype).clone()
+    for strength, (kind, tensors), strength_model, offset, function in patches:
+        function = function or (lambda a: a)
+        if strength_model != 1.0:
+            weight *= strength_model
+        cls = LoRAAdapter if kind == "lora" else LoHaAdapter
+        adapter = cls(set(), (*tensors, None) if kind == "lora" else tensors)
+        weight += function(strength * adapter.diff(weight.shape).to(computation_dtype))
+    return weight
 
 
 def load_lora(lora: dict, to_load: dict) -> tuple[dict, dict]:
@@ -97,7 +123,7 @@ def load_lora(lora: dict, to_load: dict) -> tuple[dict, dict]:
         for cls in ADAPTERS:
             adapter = cls.load(x, lora, alpha, dora_scale)
             if adapter is not None:
-                patches[model_key] = adapter
+                patches[model_key] = as_forge2_tuple(adapter) if FLAVOUR == "forge2" else adapter
                 loaded |= adapter.loaded_keys | {f"{x}.alpha", f"{x}.dora_scale"}
                 break
     return patches, {k: v for k, v in lora.items() if k not in loaded}
