@@ -168,19 +168,21 @@ def wants_clora(args: Sequence[Any]) -> bool:
 class Generations:
     """The owner of CLoRA generations: at most one is open, opened by ``open`` and closed
     only by ``close_any``, when the host closes its ``p`` (after success or failure) or when
-    the next generation starts."""
+    the next generation starts. ``make(p, args, error)`` builds a generation: each glue
+    (A1111, Forge) has its own ``Generation`` and shares this owner."""
 
-    def __init__(self) -> None:
-        self._open: Generation | None = None
+    def __init__(self, make: Callable[[Any, CLoRAArgs | None, Exception | None], Any]) -> None:
+        self._make = make
+        self._open: Any = None
 
-    def open(self, p: Any, args: CLoRAArgs | None, error: Exception | None = None) -> "Generation":
+    def open(self, p: Any, args: CLoRAArgs | None, error: Exception | None = None) -> Any:
         self.close_any()
-        generation = Generation(p, args, error)
+        generation = self._make(p, args, error)
         self._open = generation
         host.on_close(p, lambda: self.close_any(p))
         return generation
 
-    def serving(self, p: Any) -> "Generation | None":
+    def serving(self, p: Any) -> Any:
         """The open generation of ``p``, if any."""
         generation = self._open
         return generation if generation is not None and p is not None and generation.p is p else None
@@ -194,7 +196,7 @@ class Generations:
         generation.close()
 
 
-generations = Generations()
+generations = Generations(lambda p, args, error: Generation(p, args, error))
 
 
 class Generation:

@@ -43,7 +43,7 @@ from ..a1111.plan import (
     token_map_schedule,
 )
 from ..a1111.previews import PreviewStore
-from ..a1111.runtime import controlnet_message, refused, wants_clora
+from ..a1111.runtime import Generations, controlnet_message, refused, wants_clora
 from ..a1111.settings import row_cap, settings_defaults
 from . import host, lora_bridge
 
@@ -91,30 +91,7 @@ def previews_of(p: Any) -> list:
     return generation.previews.images()
 
 
-class Generations:
-    def __init__(self) -> None:
-        self._open: Generation | None = None
-
-    def open(self, p: Any, args: CLoRAArgs | None, error: Exception | None = None) -> "Generation":
-        self.close_any()
-        generation = Generation(p, args, error)
-        self._open = generation
-        webui.on_close(p, lambda: self.close_any(p))
-        return generation
-
-    def serving(self, p: Any) -> "Generation | None":
-        generation = self._open
-        return generation if generation is not None and p is not None and generation.p is p else None
-
-    def close_any(self, p: Any = None) -> None:
-        generation = self._open
-        if generation is None or (p is not None and generation.p is not p):
-            return
-        self._open = None
-        generation.close()
-
-
-generations = Generations()
+generations = Generations(lambda p, args, error: Generation(p, args, error))
 
 
 class Generation:
