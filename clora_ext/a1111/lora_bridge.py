@@ -21,7 +21,7 @@ import functools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -81,7 +81,27 @@ class HostLoRA:
 
 
 CACHE_SIZE = 8  # LoRAs kept between generations (one generation's worth); CPU memory, about their files' size
-_cache: "OrderedDict[tuple, HostLoRA]" = OrderedDict()
+
+
+class LoRACache(OrderedDict):
+    """Loaded LoRAs by (name, path, mtime, model id), least recently used first out, at most
+    ``CACHE_SIZE``, kept until the file or the model changes: a checkpoint change drops every
+    entry of the old model. Both glues (A1111, Forge) keep theirs in one."""
+
+    def load(self, name: str, path: str, mtime: float, model: Any, build: Callable[[], Any]) -> Any:
+        key = (name, path, mtime, id(model))
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        for old in [k for k in self if k[0] == name or k[3] != id(model)]:
+            del self[old]
+        self[key] = build()
+        while len(self) > CACHE_SIZE:
+            self.popitem(last=False)
+        return self[key]
+
+
+_cache = LoRACache()
 
 
 def load(name: str) -> HostLoRA:
@@ -95,16 +115,7 @@ def load(name: str) -> HostLoRA:
     _check_version(name, entry, model)
     path = host.lora_path(entry)
     mtime = os.path.getmtime(path)
-    key = (name, path, mtime, id(model))
-    if key in _cache:
-        _cache.move_to_end(key)
-        return _cache[key]
-    for old in [k for k in _cache if k[0] == name or k[3] != id(model)]:
-        del _cache[old]
-    _cache[key] = _load(name, entry, mtime, model)
-    while len(_cache) > CACHE_SIZE:
-        _cache.popitem(last=False)
-    return _cache[key]
+    return _cache.load(name, path, mtime, model, lambda: _load(name, entry, mtime, model))
 
 
 def on_device(deltas: dict[str, Delta], device: torch.device, dtype: torch.dtype) -> dict[str, Delta]:

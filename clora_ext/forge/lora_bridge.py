@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 
 from ..routing import Delta, LazyDelta, LowRankDelta
 from ..a1111 import host as webui
-from ..a1111.lora_bridge import on_disk
+from ..a1111.lora_bridge import LoRACache, on_disk
 from ..a1111.plan import CLoRARuntimeError
 from . import host
 
@@ -37,8 +36,7 @@ class ForgeLoRA:
     clip: dict = field(default_factory=dict)  # the host's CLIP patches, for the CLIP patcher
 
 
-CACHE_SIZE = 8
-_cache: "OrderedDict[tuple, ForgeLoRA]" = OrderedDict()
+_cache = LoRACache()
 
 
 def load(name: str, p: Any) -> ForgeLoRA:
@@ -46,16 +44,7 @@ def load(name: str, p: Any) -> ForgeLoRA:
     path = webui.lora_path(entry)
     mtime = os.path.getmtime(path)
     model = p.sd_model
-    key = (name, path, mtime, id(model))
-    if key in _cache:
-        _cache.move_to_end(key)
-        return _cache[key]
-    for old in [k for k in _cache if k[0] == name or k[3] != id(model)]:
-        del _cache[old]
-    _cache[key] = _load(name, path, mtime, p)
-    while len(_cache) > CACHE_SIZE:
-        _cache.popitem(last=False)
-    return _cache[key]
+    return _cache.load(name, path, mtime, model, lambda: _load(name, path, mtime, p))
 
 
 def _load(name: str, path: str, mtime: float, p: Any) -> ForgeLoRA:
