@@ -1,4 +1,4 @@
-# Entry point the host loads: the glue for this host (A1111, or Forge Neo / Forge 2.x), or one line naming what is supported.
+# Entry point the host loads: the glue for this host (A1111, or Forge Neo / Forge 2.x / reForge), or one line naming what is supported.
 from clora_ext.a1111.compat import host_glue
 
 _glue, _unsupported = host_glue()

@@ -1,9 +1,9 @@
 """Which hosts CLoRA runs on, and which glue serves them, decided when the host loads the extension.
 
-AUTOMATIC1111 gets the A1111 glue (``clora_ext.a1111``), Forge Neo and lllyasviel Forge 2.x
-(the ``backend`` family) the Forge glue (``clora_ext.forge``); the other Forge-family hosts
-(reForge, Forge Classic, old Forge 0.0.x) get one line naming what is supported, and no
-CLoRA script.
+AUTOMATIC1111 gets the A1111 glue (``clora_ext.a1111``); Forge Neo, lllyasviel Forge 2.x (the
+``backend`` family) and reForge (``ldm_patched``) the Forge glue (``clora_ext.forge``); the other
+Forge-family hosts (Forge Classic, old Forge 0.0.x) get one line naming what is supported, and
+no CLoRA script.
 
 The glue reads host options and modules that AUTOMATIC1111 added in 1.8.0 (``emphasis``,
 ``sd_samplers_cfg_denoiser``, the CFG denoiser's step counters), so an older host gets
@@ -51,26 +51,36 @@ def host_reason() -> str | None:
     return unsupported_reason(launch_utils.git_tag())
 
 
-NEO = "neo"
+NEO, FORGE2, REFORGE = "neo", "forge2", "reforge"
 FORGE = "forge"
-SUPPORTED_ALL = f"{SUPPORTED}, Forge Neo and lllyasviel Forge 2.x"
+SUPPORTED_ALL = f"{SUPPORTED}, Forge Neo, lllyasviel Forge 2.x and reForge 1.x"
 _FORGE2 = re.compile(r"2\.\d+")
+_REFORGE = re.compile(r"1\.\d+\.\d+")
+
+
+def forge_flavour(version: str | None, has_backend: bool, has_ldm_patched: bool) -> str | None:
+    """Which host of the Forge family the Forge glue serves ("neo", "forge2", "reforge"), or None
+    when it serves none. ``version``: ``modules_forge.forge_version.version`` ("neo";
+    "2.0.1v1.10.1" for lllyasviel Forge 2.x; "1.0.0v2-v1.10.1RC" for reForge);
+    ``has_backend``/``has_ldm_patched``: which backend package the host has (Neo and Forge 2.x:
+    ``backend``; reForge, Forge Classic and the old Forge 0.0.x: ``ldm_patched``)."""
+    if version == NEO:
+        return NEO
+    if has_backend and version and _FORGE2.match(version):
+        return FORGE2
+    if has_ldm_patched and version and _REFORGE.match(version):
+        return REFORGE
+    return None
 
 
 def forge_reason(version: str | None, has_backend: bool, has_ldm_patched: bool) -> str | None:
-    """Why a Forge-family host cannot run CLoRA (None for Forge Neo and lllyasviel Forge 2.x, which
-    share the ``backend`` package and the Forge glue). ``version``: ``modules_forge.forge_version.version``
-    ("neo"; "2.0.1v1.10.1" for Forge 2.x); ``has_backend``/``has_ldm_patched``: which backend package
-    the host has (lllyasviel Forge 2.x and Neo: ``backend``; reForge, Classic and old Forge 0.0.x:
-    ``ldm_patched``)."""
-    if version == NEO:
-        return None
-    if has_backend and not has_ldm_patched and version and _FORGE2.match(version):
+    """Why a Forge-family host cannot run CLoRA (None for the hosts ``forge_flavour`` names)."""
+    if forge_flavour(version, has_backend, has_ldm_patched) is not None:
         return None
     if version == "classic":
         name = "Forge Classic"
     elif has_ldm_patched:
-        name = "reForge or Forge 0.0.x"
+        name = "Forge 0.0.x" if version and version.startswith("0.") else "a Forge with ldm_patched"
     elif has_backend:
         name = "a Forge with the backend package but an unknown version"
     else:
@@ -81,7 +91,7 @@ def forge_reason(version: str | None, has_backend: bool, has_ldm_patched: bool) 
 
 def host_glue() -> tuple[str, str | None]:
     """("a1111" or "forge", why the running host cannot run CLoRA or None) (call from the entry script).
-    "forge" is the glue of the ``backend`` family (Forge Neo, lllyasviel Forge 2.x)."""
+    "forge" is the glue of Forge Neo, lllyasviel Forge 2.x and reForge."""
     if importlib.util.find_spec("modules_forge") is None:
         return "a1111", host_reason()
     try:

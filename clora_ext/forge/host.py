@@ -1,12 +1,12 @@
-"""Every access to the internals of the Forge ``backend`` family (Forge Neo and lllyasviel Forge
-2.x: its ``backend`` package and the sampling objects it puts on ``p``), in one module: the
-seam, where the two hosts' differences are decided.
+"""Every access to the internals of the Forge hosts CLoRA runs on (Forge Neo and lllyasviel Forge
+2.x with their ``backend`` package, reForge with its ``ldm_patched`` package, and the sampling
+objects they put on ``p``), in one module: the seam, where the hosts' differences are decided.
 
 What these hosts keep of AUTOMATIC1111's API (``shared.opts``, ``shared.state``, the Lora
 extension's listing, ``ui_components``, the script classes) is reached through
 ``clora_ext.a1111.host`` as on A1111; this module holds what only the ``backend`` family has:
-the UnetPatcher and its model options, KModel, the ``backend`` LoRA loader, the CLIP patcher
-and the text processing engine.
+the UnetPatcher and its model options, KModel (reForge: BaseModel), the host's LoRA loader,
+the CLIP patcher and the text processing engine.
 
 Where Forge 2.x (lllyasviel, ``forge_version.version == "2.0.1v1.10.1"`` at dfdcbab6) differs
 from Neo:
@@ -21,11 +21,25 @@ from Neo:
   ``requires_grad_(False)`` and its restore both work;
 - it never calls the ``cfg_denoised`` callback (the glue uses none of the CFG callbacks).
 Everything else the glue uses has the same names and signatures (line numbers differ).
+
+Where reForge (``ldm_patched``, ``forge_version.version == "1.0.0v2-v1.10.1RC"`` at 3b56b268)
+differs from Neo (measured in the running host, /work/notes/reforge_bringup.md):
+- the LoRA reader is ``ldm_patched.modules.lora`` (after ``lora_convert.convert_lora``); its
+  ``load_lora`` returns only {model key: patch} (Neo's adapter objects, or ``("diff", ...)`` /
+  ``("set", ...)`` tuples merged by its ``calculate_weight``), so the unmatched keys are
+  counted here; the CLIP patcher's ``add_patches(patches, strength)`` has no file name;
+- the prompt chunker is A1111's (``cond_stage_model``; SDXL's first embedder);
+- the UNet's weights are ordinary tensors with ``requires_grad=True`` and become inference
+  tensors where a prompt LoRA is merged into them; the functional gradient works on both
+  inside inference mode only, as on the other two hosts;
+- ``sampling_function`` runs without uncond rows at NGMS / "skip early CFG" steps: the
+  wrapper then serves the cond rows only (``cond_or_uncond == [0]``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -33,19 +47,26 @@ import torch
 
 from modules import prompt_parser, sd_samplers_common, shared
 
-NEO, FORGE2 = "neo", "forge2"
+from ..a1111 import host as webui
+from ..a1111.compat import FORGE2, NEO, REFORGE, forge_flavour
+
+NAMES = {NEO: "Forge Neo", FORGE2: "Forge 2.x", REFORGE: "reForge"}
 
 
 def flavour() -> str:
-    """Which host of the family runs: "neo" (``forge_version.version == "neo"``) or "forge2"
-    (lllyasviel Forge 2.x; ``compat.host_glue`` serves no other ``backend`` host)."""
+    """Which host runs: NEO, FORGE2 or REFORGE (``compat.host_glue`` loads this glue on no other)."""
     from modules_forge import forge_version
 
-    return NEO if getattr(forge_version, "version", None) == NEO else FORGE2
+    version = getattr(forge_version, "version", None)
+    found = forge_flavour(version, importlib.util.find_spec("backend") is not None,
+                          importlib.util.find_spec("ldm_patched") is not None)
+    if found is None:
+        raise RuntimeError(f"CLoRA's Forge glue does not serve this host (version {version!r})")
+    return found
 
 
 def host_name() -> str:
-    return "Forge Neo" if flavour() == NEO else "Forge 2.x"
+    return NAMES[flavour()]
 
 
 def gradient_mode() -> Any:
@@ -150,7 +171,10 @@ def is_hires_pass(p: Any) -> bool:
 
 
 def load_lora_file(path: str) -> dict:
-    from backend.utils import load_torch_file
+    if flavour() == REFORGE:
+        from ldm_patched.modules.utils import load_torch_file
+    else:
+        from backend.utils import load_torch_file
 
     return load_torch_file(path, safe_load=True)
 
@@ -160,6 +184,8 @@ def lora_patches(state_dict: dict, p: Any) -> tuple[dict, dict, int]:
     ``load_lora`` (adapters: Neo's objects, Forge 2.x's tuples; ``read_adapter`` reads both, and the
     CLIP ones go back to the host's own CLIP patcher as they are). UNet keys are KModel state-dict
     keys (``diffusion_model.<module>.weight``)."""
+    if flavour() == REFORGE:
+        return _reforge_lora_patches(state_dict, p)
     from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
 
     objects = p.sd_model.forge_objects
@@ -168,6 +194,24 @@ def lora_patches(state_dict: dict, p: Any) -> tuple[dict, dict, int]:
     unet, rest = load_lora(dict(state_dict), unet_map)
     clip, rest = load_lora(rest, clip_map)
     return unet, clip, len(rest)
+
+
+def _reforge_lora_patches(state_dict: dict, p: Any) -> tuple[dict, dict, int]:
+    from ldm_patched.modules.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
+    from ldm_patched.modules.lora_convert import convert_lora
+
+    objects = p.sd_model.forge_objects
+    unet_map = model_lora_keys_unet(objects.unet.model, {})
+    clip_map = model_lora_keys_clip(objects.clip.cond_stage_model, {})
+    converted = convert_lora(dict(state_dict))
+    unet = load_lora(converted, unet_map, log_missing=False)
+    clip = load_lora(converted, clip_map, log_missing=False)
+    # its reader reads a layer's tensors as "<file prefix>.<tensor name>": a key is matched when
+    # one of its dotted prefixes is a prefix of either map
+    prefixes = set(unet_map) | set(clip_map)
+    unmatched = sum(1 for key in converted
+                    if not any(key[:i] in prefixes for i, c in enumerate(key) if c == "."))
+    return unet, clip, unmatched
 
 
 @dataclass(frozen=True)
@@ -184,13 +228,17 @@ class Adapter:
 
 
 def read_adapter(key: str, adapter: Any) -> Adapter:
-    if isinstance(adapter, tuple):  # Forge 2.x's reader: (kind, tensors)
+    if isinstance(adapter, tuple):  # Forge 2.x's reader: (kind, tensors); reForge's "diff"/"set"
         return _read_patch_tuple(key, adapter)
 
-    def delta(weight: torch.Tensor) -> torch.Tensor:
-        return adapter.calculate_weight(torch.zeros_like(weight), key, 1.0, 1.0, None, lambda a: a)
-
     name = type(adapter).__name__
+    dora = name == "LoRAAdapter" and adapter.weights[4] is not None
+
+    def delta(weight: torch.Tensor) -> torch.Tensor:
+        # against zeros, except with a DoRA scale, which renormalises the merged weight
+        base = weight.float().clone() if dora else torch.zeros_like(weight, dtype=torch.float32)
+        return adapter.calculate_weight(base.clone(), key, 1.0, 1.0, None, lambda a: a) - base
+
     if name == "LoRAAdapter":
         up, down, alpha, mid, dora_scale = adapter.weights[:5]
         plain = mid is None and dora_scale is None and up.dim() == 2 and down.dim() == 2
@@ -200,17 +248,24 @@ def read_adapter(key: str, adapter: Any) -> Adapter:
 
 def _read_patch_tuple(key: str, patch: tuple) -> Adapter:
     """Forge 2.x: ``("lora", (up, down, alpha, mid, dora_scale))`` and the other kinds of its comfy
-    reader (their tensors' last entry is the DoRA scale, or a one-tensor "diff"/"set"). The full delta
-    comes from the host's own ``merge_lora_to_weight``; with a DoRA scale it is taken against the real
-    weight (DoRA renormalises the merged weight), otherwise against zeros."""
+    reader (their tensors' last entry is the DoRA scale, or a one-tensor "diff"/"set"); reForge:
+    "diff" and "set". The full delta comes from the host's own merge (Forge 2.x's
+    ``merge_lora_to_weight``, reForge's ``calculate_weight``); with a DoRA scale, or for "set", it is
+    taken against the real weight (DoRA renormalises the merged weight), otherwise against zeros."""
     kind, tensors = patch
 
     def delta(weight: torch.Tensor) -> torch.Tensor:
-        from backend.patcher.lora import merge_lora_to_weight
+        real = kind == "set" or (kind != "diff" and len(tensors) > 1 and tensors[-1] is not None)
+        base = weight.float() if real else torch.zeros_like(weight, dtype=torch.float32)
+        entry = (1.0, patch, 1.0, None, None)
+        if flavour() == REFORGE:
+            from ldm_patched.modules.lora import calculate_weight
 
-        dora = kind not in ("diff", "set") and len(tensors) > 1 and tensors[-1] is not None
-        base = weight.float() if dora else torch.zeros_like(weight, dtype=torch.float32)
-        merged = merge_lora_to_weight([[1.0, patch, 1.0, None, None]], base, key, computation_dtype=torch.float32)
+            merged = calculate_weight([entry], base.clone(), key, intermediate_dtype=torch.float32)
+        else:
+            from backend.patcher.lora import merge_lora_to_weight
+
+            merged = merge_lora_to_weight([list(entry)], base, key, computation_dtype=torch.float32)
         return merged - base
 
     if kind == "lora":
@@ -238,7 +293,10 @@ def text_encoder_patches(p: Any, tag: str, patches: list[tuple[dict, float]]) ->
         return
     clip = original.clone()
     for i, (patch, strength) in enumerate(patches):
-        clip.add_patches(filename=f"{tag}#{i}", patches=patch, strength_patch=strength, online_mode=False)
+        if flavour() == REFORGE:  # ComfyUI's signature
+            clip.add_patches(patch, strength)
+        else:
+            clip.add_patches(filename=f"{tag}#{i}", patches=patch, strength_patch=strength, online_mode=False)
     model.forge_objects.clip = clip
     try:
         yield
@@ -261,7 +319,10 @@ def prompt_schedules(texts: list[str], steps: int, hires_steps: int | None) -> l
 
 
 def prompt_chunker(p: Any) -> Any:
-    """The host's text processing engine (tokenize_line, id_start, id_end, id_pad)."""
+    """The host's prompt chunker (tokenize_line, id_start, id_end, id_pad): Neo's and Forge 2.x's
+    text processing engine, reForge's A1111 embedder."""
+    if flavour() == REFORGE:
+        return webui.prompt_chunker(p.sd_model)
     return p.sd_model.text_processing_engine
 
 

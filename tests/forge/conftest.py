@@ -1,7 +1,9 @@
 """The fake Forge Neo host (fake_neo/) in place of Neo's ``modules``, ``modules_forge``, ``backend``
 and ``networks``, and the Forge glue on top. Every test runs on two hosts of the ``backend``
-family (the ``flavour`` fixture): "neo" (Forge Neo) and "forge2" (lllyasviel Forge 2.x: version
-"2.0.1v1.10.1", its tuple LoRA reader, UNet weights that keep ``requires_grad=True``).
+family (the ``flavour`` fixture): "neo" (Forge Neo), "forge2" (lllyasviel Forge 2.x: version
+"2.0.1v1.10.1", its tuple LoRA reader, UNet weights that keep ``requires_grad=True``) and
+"reforge" (reForge: version "1.0.0v2-v1.10.1RC", the ``ldm_patched`` reader and CLIP patcher,
+ordinary UNet weights with ``requires_grad=True``, A1111's chunker).
 
 This tier runs in a process of its own (its ``modules`` package is not the A1111 fake's of
 tests/host): ``pytest tests`` runs it through tests/test_fake_neo_tier.py, and
@@ -34,7 +36,7 @@ from clora_ext.forge import lora_bridge, runtime  # noqa: E402
 from world import FakeNeoModel  # noqa: E402
 
 
-VERSIONS = {"neo": "neo", "forge2": "2.0.1v1.10.1"}
+VERSIONS = {"neo": "neo", "forge2": "2.0.1v1.10.1", "reforge": "1.0.0v2-v1.10.1RC"}
 
 
 @pytest.fixture(scope="session", params=sorted(VERSIONS, reverse=True))
@@ -94,9 +96,10 @@ def fake_host(fake_model, lora_dir, monkeypatch):
     for objects in (fake_model.forge_objects_original, fake_model.forge_objects_after_applying_lora):
         assert set(objects.unet.model_options) == {"transformer_options"}, "the glue changed the host's own patcher"
         assert not objects.clip.patcher.patches, "the glue patched the host's own CLIP"
-    # Forge 2.x's weights keep requires_grad=True (the engine switches it off for a gradient pass
-    # and back on), Neo's stay off
-    assert all(w.requires_grad == (fake_model.flavour == "forge2") for w in fake_model.diffusion_model.parameters())
+    # Forge 2.x's and reForge's weights keep requires_grad=True (the engine switches it off for a
+    # gradient pass and back on), Neo's stay off
+    keeps = fake_model.flavour in ("forge2", "reforge")
+    assert all(w.requires_grad == keeps for w in fake_model.diffusion_model.parameters())
 
 
 def _hook_count(model: FakeNeoModel) -> int:

@@ -90,11 +90,30 @@ def _ldm_checkpointing_off(unet):
 
 def test_the_gradient_runs_inside_inference_mode(fake_host, fake_model, monkeypatch):
     unet = fake_model.diffusion_model
-    forge2 = fake_model.flavour == "forge2"  # Forge 2.x's weights keep requires_grad=True
-    assert all(w.is_inference() and w.requires_grad == forge2 for w in unet.parameters())
     x = torch.randn((1, 4, 8, 8))
     t = torch.tensor([500.0])
     context = torch.randn((1, 77, 32))
+    if fake_model.flavour == "reforge":
+        # reForge's weights are ordinary tensors that require grad; its sampler's x is an inference
+        # tensor, and the functional gradient on it works inside inference mode
+        assert all(not w.is_inference() and w.requires_grad for w in unet.parameters())
+        with _ldm_checkpointing_off(unet), torch.inference_mode():
+            x_in = x.clone()
+            assert x_in.is_inference()
+            out, vjp = torch.func.vjp(torch.func.functionalize(lambda z: unet(z, t, context=context).square().mean()),
+                                      x_in)
+            assert vjp(torch.ones_like(out))[0].abs().sum() > 0
+    else:
+        _inference_weights_refuse_autograd(unet, fake_model.flavour == "forge2", x, t, context)
+    # the glue's update runs there, on the sampler's own x (an inference tensor), and moves it
+    seen = _spy_fused_step(monkeypatch)
+    generate(txt2img(script_args=(clora(*PAIR),)))
+    assert all(s["inference_mode"] and s["x_is_inference"] for s in seen)
+    assert seen[0]["moved"] > 0
+
+
+def _inference_weights_refuse_autograd(unet, forge2: bool, x, t, context) -> None:
+    assert all(w.is_inference() and w.requires_grad == forge2 for w in unet.parameters())
     if forge2:
         # measured on Forge 2.x's kind of weights (requires_grad=True inference tensors): the
         # functional gradient fails outside inference mode and works inside it, which is why the
@@ -118,11 +137,6 @@ def test_the_gradient_runs_inside_inference_mode(fake_host, fake_model, monkeypa
         x_in = x.clone().requires_grad_(True)
         with pytest.raises(RuntimeError):
             torch.autograd.grad(unet(x_in, t, context=context).sum(), x_in)
-    # the glue's update runs there, on the sampler's own x (an inference tensor), and moves it
-    seen = _spy_fused_step(monkeypatch)
-    generate(txt2img(script_args=(clora(*PAIR),)))
-    assert all(s["inference_mode"] and s["x_is_inference"] for s in seen)
-    assert seen[0]["moved"] > 0
 
 
 def test_fused_rows_are_served_in_the_hosts_row_order(fake_host, monkeypatch):
@@ -305,40 +319,71 @@ def test_sdxl_is_refused_with_a_message(fake_host, fake_model, monkeypatch):
     with pytest.raises(RequestRefused) as refused:
         generate(txt2img(script_args=(clora(*PAIR),)))
     assert refused.value.status_code == 422
-    name = {"neo": "Forge Neo", "forge2": "Forge 2.x"}[fake_model.flavour]
+    name = {"neo": "Forge Neo", "forge2": "Forge 2.x", "reforge": "reForge"}[fake_model.flavour]
     assert refused.value.detail == (f"CLoRA on {name} runs SD1.x checkpoints only so far; this checkpoint is SDXL. "
                                     "Load an SD1.x checkpoint or turn CLoRA off")
 
 
-def test_both_lora_readers_give_the_same_deltas(fake_host, fake_model, monkeypatch):
-    """Neo's reader (adapter objects) and Forge 2.x's (tuples: ("lora", (up, down, alpha, mid, dora)),
-    ("loha", ...)) must give the glue the same per-layer deltas: low-rank for plain LoRA, the dense
-    delta (Neo: the adapter's calculate_weight; Forge 2.x: merge_lora_to_weight) for LoHa."""
+def test_the_lora_readers_give_the_same_deltas(fake_host, fake_model, monkeypatch):
+    """Neo's reader (adapter objects), Forge 2.x's (tuples: ("lora", (up, down, alpha, mid, dora)),
+    ("loha", ...)) and reForge's (``ldm_patched``: adapter objects, only the matched patches) must
+    give the glue the same per-layer deltas: low-rank for plain LoRA, the dense delta (the
+    adapter's calculate_weight; Forge 2.x: merge_lora_to_weight) for LoHa."""
+    import modules_forge.forge_version as forge_version
     from backend.patcher import lora as host_lora
 
     from clora_ext.forge import lora_bridge
     from clora_ext.routing import LazyDelta, LowRankDelta
+    from conftest import VERSIONS
 
     p = txt2img()
-    read = {}
-    for form in ("neo", "forge2"):
+    read, dense = {}, {}
+    for form in ("neo", "forge2", "reforge"):  # each read and built while its host runs
         monkeypatch.setattr(host_lora, "FLAVOUR", form)
+        monkeypatch.setattr(forge_version, "version", VERSIONS[form])
         lora_bridge.clear_cache()
         with torch.inference_mode():
             read[form] = {name: lora_bridge.load(name, p) for name in ("cat_lora", "cat_loha")}
-    for name in ("cat_lora", "cat_loha"):
-        neo, forge2 = read["neo"][name].unet, read["forge2"][name].unet
-        assert neo.keys() == forge2.keys() and neo
-        assert set(read["neo"][name].clip) == set(read["forge2"][name].clip)
-        for module in neo:
-            a, b = neo[module], forge2[module]
-            assert type(a) is type(b)
-            if isinstance(a, LowRankDelta):
-                assert torch.equal(a.down, b.down) and torch.equal(a.up, b.up) and a.scale == b.scale
-            else:
-                assert isinstance(a, LazyDelta)
-                with torch.inference_mode():
-                    assert torch.allclose(a.build()[0], b.build()[0], atol=1e-6)
+            dense[form] = {(name, module): delta.build()[0] for name, lora in read[form].items()
+                           for module, delta in lora.unet.items() if isinstance(delta, LazyDelta)}
+    for other in ("forge2", "reforge"):
+        for name in ("cat_lora", "cat_loha"):
+            neo, theirs = read["neo"][name].unet, read[other][name].unet
+            assert neo.keys() == theirs.keys() and neo
+            assert set(read["neo"][name].clip) == set(read[other][name].clip)
+            for module in neo:
+                a, b = neo[module], theirs[module]
+                assert type(a) is type(b)
+                if isinstance(a, LowRankDelta):
+                    assert torch.equal(a.down, b.down) and torch.equal(a.up, b.up) and a.scale == b.scale
+        assert dense["neo"].keys() == dense[other].keys() and dense["neo"]
+        for key, delta in dense["neo"].items():
+            assert delta.abs().sum() > 0 and torch.allclose(delta, dense[other][key], atol=1e-6)
     forge2_clip = next(iter(read["forge2"]["cat_lora"].clip.values()))
     assert isinstance(forge2_clip, tuple) and forge2_clip[0] == "lora"  # handed to the CLIP patcher as read
     assert any(isinstance(d, LowRankDelta) for d in read["forge2"]["cat_lora"].unet.values())
+
+
+def test_reforge_reads_full_difference_layers_and_counts_unread_keys(fake_host, fake_model, tmp_path, capsys):
+    """reForge's reader returns ("diff", (tensor,)) for a layer stored whole, and nothing about the
+    keys it could not place: the glue builds the diff's delta through the host's calculate_weight
+    and counts the unplaced keys itself."""
+    if fake_model.flavour != "reforge":
+        pytest.skip("reForge's reader")
+    from safetensors.torch import save_file
+
+    import networks
+    from clora_ext.devtools.loras import kohya_unet_key
+    from clora_ext.forge import lora_bridge
+    from clora_ext.routing import LazyDelta
+
+    module = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
+    weight = fake_model.diffusion_model.get_submodule(module).weight
+    diff = torch.randn(weight.shape, generator=torch.Generator().manual_seed(4))
+    save_file({f"{kohya_unet_key(module)}.diff": diff, "lora_unet_no_such_layer.lora_up.weight": torch.ones(2, 2),
+               "lora_unet_no_such_layer.alpha": torch.tensor(1.0)}, str(tmp_path / "whole_diff.safetensors"))
+    networks.available_networks["whole_diff"] = networks.NetworkOnDisk("whole_diff", str(tmp_path / "whole_diff.safetensors"))
+    lora = lora_bridge.load("whole_diff", txt2img())
+    assert list(lora.unet) == [module] and isinstance(lora.unet[module], LazyDelta)
+    assert torch.allclose(lora.unet[module].build()[0], diff, atol=1e-6)
+    assert "LoRA 'whole_diff': 2 key(s) match no layer of the loaded model" in capsys.readouterr().out

@@ -1,8 +1,10 @@
 """The fake Neo's checkpoint: the tiny SD1.5-layout ldm UNet and CLIP text encoder, loaded as Neo
 loads a model (weights as inference tensors, ``requires_grad`` off; as lllyasviel Forge 2.x does
-with ``flavour="forge2"``: inference tensors that keep ``requires_grad=True``), behind Neo's objects:
-``forge_objects`` (a UnetPatcher over a KModel, a CLIP patcher), the copies Neo resets them
-from, and the text processing engine (chunker and encoder in one)."""
+with ``flavour="forge2"``: inference tensors that keep ``requires_grad=True``; as reForge does with
+``flavour="reforge"``: ordinary tensors with ``requires_grad=True``), behind Neo's objects:
+``forge_objects`` (a UnetPatcher over a KModel, a CLIP patcher: reForge's with ComfyUI's
+``add_patches``), the copies Neo resets them from, and the text processing engine (chunker and
+encoder in one; reForge keeps the chunker as A1111's ``cond_stage_model``)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.nn as nn
 from backend.modules.k_model import KModel
 from backend.patcher.clip import CLIP
 from backend.patcher.unet import UnetPatcher
+from ldm_patched.modules.sd import CLIP as ReForgeCLIP
 from clora_ext.devtools.pipeline import NoiseSchedule
 from clora_ext.devtools.tiny_sd import BOS, EOS, build_tiny_text_encoder, build_tiny_unet, clip_bpe
 from clora_ext.tokens import CHUNK_CONTENT
@@ -87,15 +90,27 @@ class FakeNeoModel:
     def __init__(self, unet_seed: int = 0, te_seed: int = 0, flavour: str = "neo"):
         self.flavour = flavour
         self.schedule = NoiseSchedule()
-        unet = load_as_inference(build_tiny_unet("sd15", seed=unet_seed), requires_grad_off=flavour == "neo")
+        reforge = flavour == "reforge"
+        unet = build_tiny_unet("sd15", seed=unet_seed)
+        text_encoder = build_tiny_text_encoder(seed=te_seed)
+        if reforge:  # ordinary tensors; the UNet's keep nn.Parameter's requires_grad=True
+            text_encoder.requires_grad_(False)
+        else:
+            unet = load_as_inference(unet, requires_grad_off=flavour == "neo")
+            text_encoder = load_as_inference(text_encoder)
         encoder = nn.Module()
         encoder.clip_l = nn.Module()
-        encoder.clip_l.transformer = load_as_inference(build_tiny_text_encoder(seed=te_seed))
+        encoder.clip_l.transformer = text_encoder
         kmodel = KModel(unet, self.schedule, requires_grad_off=flavour == "neo")
-        self.forge_objects = ForgeObjects(UnetPatcher(kmodel), CLIP(encoder))
+        clip = ReForgeCLIP(encoder) if reforge else CLIP(encoder)
+        self.forge_objects = ForgeObjects(UnetPatcher(kmodel), clip)
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
-        self.text_processing_engine = TextProcessingEngine(self)
+        self._text_engine = TextProcessingEngine(self)
+        if reforge:
+            self.cond_stage_model = self._text_engine  # A1111's embedder: the chunker reForge keeps
+        else:
+            self.text_processing_engine = self._text_engine
         self.clip_encodes: list = []  # the CLIP patcher of every encoding (what the tests look at)
 
     @property
@@ -107,4 +122,4 @@ class FakeNeoModel:
         return self.forge_objects_original.unet.model
 
     def get_learned_conditioning(self, prompts: list[str]) -> list[torch.Tensor]:
-        return [self.text_processing_engine.encode_line(t) for t in prompts]
+        return [self._text_engine.encode_line(t) for t in prompts]
