@@ -22,7 +22,7 @@ def test_older_hosts_are_refused_with_the_supported_range():
     assert unsupported_reason("<none>") is None  # a checkout without tags: the glue's own checks apply
 
 
-def test_forge_neo_forge_2x_and_reforge_are_served_and_other_forges_named():
+def test_the_four_forges_are_served_and_other_forges_named():
     from clora_ext.a1111.compat import forge_flavour, forge_reason
 
     assert forge_flavour("neo", True, False) == "neo"
@@ -31,9 +31,9 @@ def test_forge_neo_forge_2x_and_reforge_are_served_and_other_forges_named():
     for version, backend, ldm_patched in [("neo", True, False), ("2.0.1v1.10.1", True, False),
                                           ("1.0.0v2-v1.10.1RC", False, True)]:
         assert forge_reason(version, backend, ldm_patched) is None
-    assert "Forge Classic" in forge_reason("classic", False, True)
+    assert forge_flavour("classic", False, True) == "classic" and forge_reason("classic", False, True) is None
     assert "Forge 0.0.x 0.0.17v1.8.0rc" in forge_reason("0.0.17v1.8.0rc", False, True)
     assert forge_flavour("1.0.0v2-v1.10.1RC", True, False) is None  # a reForge version needs ldm_patched
     message = forge_reason("1.0.0", True, False)
-    assert "unknown version 1.0.0" in message and "Forge Neo, lllyasviel Forge 2.x and reForge 1.x" in message
+    assert "unknown version 1.0.0" in message and "Forge Neo, lllyasviel Forge 2.x, reForge 1.x and Forge Classic" in message
     assert "\n" not in message

@@ -1,8 +1,8 @@
 """Which hosts CLoRA runs on, and which glue serves them, decided when the host loads the extension.
 
 AUTOMATIC1111 gets the A1111 glue (``clora_ext.a1111``); Forge Neo, lllyasviel Forge 2.x (the
-``backend`` family) and reForge (``ldm_patched``) the Forge glue (``clora_ext.forge``); the other
-Forge-family hosts (Forge Classic, old Forge 0.0.x) get one line naming what is supported, and
+``backend`` family), reForge and Forge Classic (``ldm_patched``) the Forge glue (``clora_ext.forge``); the other
+Forge-family hosts (old Forge 0.0.x) get one line naming what is supported, and
 no CLoRA script.
 
 The glue reads host options and modules that AUTOMATIC1111 added in 1.8.0 (``emphasis``,
@@ -51,17 +51,17 @@ def host_reason() -> str | None:
     return unsupported_reason(launch_utils.git_tag())
 
 
-NEO, FORGE2, REFORGE = "neo", "forge2", "reforge"
+NEO, FORGE2, REFORGE, CLASSIC = "neo", "forge2", "reforge", "classic"
 FORGE = "forge"
-SUPPORTED_ALL = f"{SUPPORTED}, Forge Neo, lllyasviel Forge 2.x and reForge 1.x"
+SUPPORTED_ALL = f"{SUPPORTED}, Forge Neo, lllyasviel Forge 2.x, reForge 1.x and Forge Classic"
 _FORGE2 = re.compile(r"2\.\d+")
 _REFORGE = re.compile(r"1\.\d+\.\d+")
 
 
 def forge_flavour(version: str | None, has_backend: bool, has_ldm_patched: bool) -> str | None:
-    """Which host of the Forge family the Forge glue serves ("neo", "forge2", "reforge"), or None
-    when it serves none. ``version``: ``modules_forge.forge_version.version`` ("neo";
-    "2.0.1v1.10.1" for lllyasviel Forge 2.x; "1.0.0v2-v1.10.1RC" for reForge);
+    """Which host of the Forge family the Forge glue serves ("neo", "forge2", "reforge", "classic"),
+    or None when it serves none. ``version``: ``modules_forge.forge_version.version`` ("neo";
+    "2.0.1v1.10.1" for lllyasviel Forge 2.x; "1.0.0v2-v1.10.1RC" for reForge; "classic");
     ``has_backend``/``has_ldm_patched``: which backend package the host has (Neo and Forge 2.x:
     ``backend``; reForge, Forge Classic and the old Forge 0.0.x: ``ldm_patched``)."""
     if version == NEO:
@@ -70,6 +70,8 @@ def forge_flavour(version: str | None, has_backend: bool, has_ldm_patched: bool)
         return FORGE2
     if has_ldm_patched and version and _REFORGE.match(version):
         return REFORGE
+    if has_ldm_patched and version == CLASSIC:
+        return CLASSIC
     return None
 
 
@@ -77,9 +79,7 @@ def forge_reason(version: str | None, has_backend: bool, has_ldm_patched: bool) 
     """Why a Forge-family host cannot run CLoRA (None for the hosts ``forge_flavour`` names)."""
     if forge_flavour(version, has_backend, has_ldm_patched) is not None:
         return None
-    if version == "classic":
-        name = "Forge Classic"
-    elif has_ldm_patched:
+    if has_ldm_patched:
         name = "Forge 0.0.x" if version and version.startswith("0.") else "a Forge with ldm_patched"
     elif has_backend:
         name = "a Forge with the backend package but an unknown version"
@@ -91,7 +91,7 @@ def forge_reason(version: str | None, has_backend: bool, has_ldm_patched: bool) 
 
 def host_glue() -> tuple[str, str | None]:
     """("a1111" or "forge", why the running host cannot run CLoRA or None) (call from the entry script).
-    "forge" is the glue of Forge Neo, lllyasviel Forge 2.x and reForge."""
+    "forge" is the glue of Forge Neo, lllyasviel Forge 2.x, reForge and Forge Classic."""
     if importlib.util.find_spec("modules_forge") is None:
         return "a1111", host_reason()
     try:

@@ -48,13 +48,13 @@ import torch
 from modules import prompt_parser, sd_samplers_common, shared
 
 from ..a1111 import host as webui
-from ..a1111.compat import FORGE2, NEO, REFORGE, forge_flavour
+from ..a1111.compat import CLASSIC, FORGE2, NEO, REFORGE, forge_flavour
 
-NAMES = {NEO: "Forge Neo", FORGE2: "Forge 2.x", REFORGE: "reForge"}
+NAMES = {NEO: "Forge Neo", FORGE2: "Forge 2.x", REFORGE: "reForge", CLASSIC: "Forge Classic"}
 
 
 def flavour() -> str:
-    """Which host runs: NEO, FORGE2 or REFORGE (``compat.host_glue`` loads this glue on no other)."""
+    """Which host runs: NEO, FORGE2, REFORGE or CLASSIC (``compat.host_glue`` loads this glue on no other)."""
     from modules_forge import forge_version
 
     version = getattr(forge_version, "version", None)
@@ -170,8 +170,13 @@ def is_hires_pass(p: Any) -> bool:
 # -- LoRA files through the host's own loader -------------------------------------------------------------
 
 
+def _ldm_patched() -> bool:
+    """reForge and Forge Classic: the ``ldm_patched`` package in place of ``backend``."""
+    return flavour() in (REFORGE, CLASSIC)
+
+
 def load_lora_file(path: str) -> dict:
-    if flavour() == REFORGE:
+    if _ldm_patched():
         from ldm_patched.modules.utils import load_torch_file
     else:
         from backend.utils import load_torch_file
@@ -180,34 +185,28 @@ def load_lora_file(path: str) -> dict:
 
 
 def lora_patches(state_dict: dict, p: Any) -> tuple[dict, dict, int]:
-    """({UNet key: adapter}, {CLIP key: adapter}, unmatched count) by the host's own key maps and
-    ``load_lora`` (adapters: Neo's objects, Forge 2.x's tuples; ``read_adapter`` reads both, and the
-    CLIP ones go back to the host's own CLIP patcher as they are). UNet keys are KModel state-dict
-    keys (``diffusion_model.<module>.weight``)."""
-    if flavour() == REFORGE:
-        return _reforge_lora_patches(state_dict, p)
-    from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
-
+    """({UNet key: patch}, {CLIP key: patch}, unmatched count) by the host's own key maps and
+    ``load_lora`` (patches: adapter objects or tuples, as the host's reader makes them;
+    ``read_adapter`` reads both, and the CLIP ones go back to the host's own CLIP patcher as they
+    are). UNet keys are the diffusion model wrapper's state-dict keys (``diffusion_model.<module>.weight``)."""
+    if _ldm_patched():
+        from ldm_patched.modules import lora
+    else:
+        from backend.patcher import lora
     objects = p.sd_model.forge_objects
-    unet_map = model_lora_keys_unet(objects.unet.model, {})
-    clip_map = model_lora_keys_clip(objects.clip.cond_stage_model, {})
-    unet, rest = load_lora(dict(state_dict), unet_map)
-    clip, rest = load_lora(rest, clip_map)
-    return unet, clip, len(rest)
-
-
-def _reforge_lora_patches(state_dict: dict, p: Any) -> tuple[dict, dict, int]:
-    from ldm_patched.modules.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
+    unet_map = lora.model_lora_keys_unet(objects.unet.model, {})
+    clip_map = lora.model_lora_keys_clip(objects.clip.cond_stage_model, {})
+    if flavour() != REFORGE:
+        unet, rest = lora.load_lora(dict(state_dict), unet_map)
+        clip, rest = lora.load_lora(rest, clip_map)
+        return unet, clip, len(rest)
     from ldm_patched.modules.lora_convert import convert_lora
 
-    objects = p.sd_model.forge_objects
-    unet_map = model_lora_keys_unet(objects.unet.model, {})
-    clip_map = model_lora_keys_clip(objects.clip.cond_stage_model, {})
     converted = convert_lora(dict(state_dict))
-    unet = load_lora(converted, unet_map, log_missing=False)
-    clip = load_lora(converted, clip_map, log_missing=False)
-    # its reader reads a layer's tensors as "<file prefix>.<tensor name>": a key is matched when
-    # one of its dotted prefixes is a prefix of either map
+    unet = lora.load_lora(converted, unet_map, log_missing=False)
+    clip = lora.load_lora(converted, clip_map, log_missing=False)
+    # reForge's reader returns the patches only; it reads a layer's tensors as "<map key>.<name>",
+    # so a file key is unplaced when none of its dotted prefixes is a key of either map
     prefixes = set(unet_map) | set(clip_map)
     unmatched = sum(1 for key in converted
                     if not any(key[:i] in prefixes for i, c in enumerate(key) if c == "."))
@@ -216,8 +215,8 @@ def _reforge_lora_patches(state_dict: dict, p: Any) -> tuple[dict, dict, int]:
 
 @dataclass(frozen=True)
 class Adapter:
-    """One adapter of the host's loader, read: ``kind`` "lora" with (up, down, alpha, mid, dora_scale), or the
-    adapter's class name; ``delta(weight)`` is the full weight delta at strength 1."""
+    """One patch of the host's reader, read: ``kind`` "lora" with (up, down, alpha), or the patch's
+    kind (adapter class name, or tuple kind); ``delta(weight)`` is the full weight delta at strength 1."""
 
     kind: str
     up: torch.Tensor | None
@@ -227,9 +226,11 @@ class Adapter:
     delta: Callable[[torch.Tensor], torch.Tensor]
 
 
-def read_adapter(key: str, adapter: Any) -> Adapter:
-    if isinstance(adapter, tuple):  # Forge 2.x's reader: (kind, tensors); reForge's "diff"/"set"
-        return _read_patch_tuple(key, adapter)
+def read_adapter(key: str, adapter: Any, p: Any) -> Adapter:
+    """``adapter``: Neo's and reForge's adapter objects (``.weights``, ``calculate_weight``), or a
+    tuple ``(kind, tensors)`` (Forge 2.x's and Forge Classic's readers; reForge's "diff"/"set")."""
+    if isinstance(adapter, tuple):
+        return _read_patch_tuple(key, adapter, _tuple_merger(p))
 
     name = type(adapter).__name__
     dora = name == "LoRAAdapter" and adapter.weights[4] is not None
@@ -246,30 +247,44 @@ def read_adapter(key: str, adapter: Any) -> Adapter:
     return Adapter(name, None, None, None, False, delta)
 
 
-def _read_patch_tuple(key: str, patch: tuple) -> Adapter:
-    """Forge 2.x: ``("lora", (up, down, alpha, mid, dora_scale))`` and the other kinds of its comfy
-    reader (their tensors' last entry is the DoRA scale, or a one-tensor "diff"/"set"); reForge:
-    "diff" and "set". The full delta comes from the host's own merge (Forge 2.x's
-    ``merge_lora_to_weight``, reForge's ``calculate_weight``); with a DoRA scale, or for "set", it is
-    taken against the real weight (DoRA renormalises the merged weight), otherwise against zeros."""
+Merger = Callable[[tuple, torch.Tensor, str], torch.Tensor]
+
+
+def _tuple_merger(p: Any) -> Merger:
+    """The host's own merge of one tuple patch at strength 1 into (a copy of) a float32 weight."""
+    host = flavour()
+    if host == FORGE2:
+        from backend.patcher.lora import merge_lora_to_weight
+
+        return lambda patch, base, key: merge_lora_to_weight([[1.0, patch, 1.0, None, None]], base.clone(), key,
+                                                             computation_dtype=torch.float32)
+    if host == REFORGE:
+        from ldm_patched.modules.lora import calculate_weight
+
+        return lambda patch, base, key: calculate_weight([(1.0, patch, 1.0, None, None)], base.clone(), key,
+                                                         intermediate_dtype=torch.float32)
+    if host == CLASSIC:  # the old ComfyUI merge, a method of the model patcher
+        patcher = unet_patcher(p)
+        return lambda patch, base, key: patcher.calculate_weight([(1.0, patch, 1.0)], base.clone(), key)
+    raise RuntimeError(f"CLoRA: {NAMES[host]}'s LoRA reader makes no tuple patches")
+
+
+def _read_patch_tuple(key: str, patch: tuple, merge: Merger) -> Adapter:
+    """``("lora", (up, down, alpha, mid[, dora_scale]))`` (Forge 2.x with the DoRA scale, Classic
+    without) and the other kinds of those comfy readers (their tensors' last entry is the DoRA
+    scale on Forge 2.x), or a one-tensor "diff"/"set". The full delta comes from the host's own
+    merge; with a DoRA scale, or for "set", it is taken against the real weight (DoRA renormalises
+    the merged weight), otherwise against zeros."""
     kind, tensors = patch
+    up, down, alpha, mid, dora_scale = (*tensors, None, None)[:5] if kind == "lora" else (None,) * 5
 
     def delta(weight: torch.Tensor) -> torch.Tensor:
-        real = kind == "set" or (kind != "diff" and len(tensors) > 1 and tensors[-1] is not None)
+        real = kind == "set" or (kind not in ("diff", "lora") and len(tensors) > 1 and tensors[-1] is not None) \
+            or dora_scale is not None
         base = weight.float() if real else torch.zeros_like(weight, dtype=torch.float32)
-        entry = (1.0, patch, 1.0, None, None)
-        if flavour() == REFORGE:
-            from ldm_patched.modules.lora import calculate_weight
-
-            merged = calculate_weight([entry], base.clone(), key, intermediate_dtype=torch.float32)
-        else:
-            from backend.patcher.lora import merge_lora_to_weight
-
-            merged = merge_lora_to_weight([list(entry)], base, key, computation_dtype=torch.float32)
-        return merged - base
+        return merge(patch, base, key) - base
 
     if kind == "lora":
-        up, down, alpha, mid, dora_scale = tensors[:5]
         plain = mid is None and dora_scale is None and up.dim() == 2 and down.dim() == 2
         return Adapter("lora", up, down, None if alpha is None else float(alpha), plain, delta)
     return Adapter(str(kind), None, None, None, False, delta)
@@ -293,7 +308,7 @@ def text_encoder_patches(p: Any, tag: str, patches: list[tuple[dict, float]]) ->
         return
     clip = original.clone()
     for i, (patch, strength) in enumerate(patches):
-        if flavour() == REFORGE:  # ComfyUI's signature
+        if _ldm_patched():  # ComfyUI's signature
             clip.add_patches(patch, strength)
         else:
             clip.add_patches(filename=f"{tag}#{i}", patches=patch, strength_patch=strength, online_mode=False)
@@ -320,8 +335,8 @@ def prompt_schedules(texts: list[str], steps: int, hires_steps: int | None) -> l
 
 def prompt_chunker(p: Any) -> Any:
     """The host's prompt chunker (tokenize_line, id_start, id_end, id_pad): Neo's and Forge 2.x's
-    text processing engine, reForge's A1111 embedder."""
-    if flavour() == REFORGE:
+    text processing engine, reForge's and Classic's A1111 embedder."""
+    if _ldm_patched():
         return webui.prompt_chunker(p.sd_model)
     return p.sd_model.text_processing_engine
 

@@ -1,11 +1,11 @@
-"""LoRAs through the Forge host's own loader (Neo, Forge 2.x), read into the core's per-row deltas (host-facing).
+"""LoRAs through the Forge host's own loader (Neo, Forge 2.x, reForge, Classic), read into the core's per-row deltas (host-facing).
 
 A file is parsed by the host's ``load_lora`` with its own UNet and CLIP key maps (kohya,
 diffusers and PEFT names). UNet adapters become deltas for the core's RowRouter,
 keyed by module name in the diffusion model: plain LoRA stays low-rank, anything else
 is built by the adapter's own ``calculate_weight`` once per routed pass. CLIP adapters
-stay the host's own objects (Neo's adapters, Forge 2.x's tuples): they are added to a clone of the CLIP patcher while a variant
-is encoded. The concept LoRAs are never applied to the UNet weights.
+stay the host's own objects (adapters or tuples, as its reader makes them): they are added to a clone of
+the CLIP patcher while a variant is encoded. The concept LoRAs are never applied to the UNet weights.
 Listing and lookup (``on_disk``) are the Lora extension's, shared with the A1111 glue.
 """
 
@@ -61,7 +61,7 @@ def _load(name: str, path: str, mtime: float, p: Any) -> ForgeLoRA:
             continue
         module = key[len(PREFIX):-len(SUFFIX)]
         weight = host.model_parameter(p, key)
-        lora.unet[module] = _delta(host.read_adapter(key, adapter), weight)
+        lora.unet[module] = _delta(host.read_adapter(key, adapter, p), weight)
     if unmatched:
         print(f"CLoRA: LoRA {name!r}: {unmatched} key(s) match no layer of the loaded model and are left out")
     return lora

@@ -3,7 +3,8 @@ and ``networks``, and the Forge glue on top. Every test runs on two hosts of the
 family (the ``flavour`` fixture): "neo" (Forge Neo), "forge2" (lllyasviel Forge 2.x: version
 "2.0.1v1.10.1", its tuple LoRA reader, UNet weights that keep ``requires_grad=True``) and
 "reforge" (reForge: version "1.0.0v2-v1.10.1RC", the ``ldm_patched`` reader and CLIP patcher,
-ordinary UNet weights with ``requires_grad=True``, A1111's chunker).
+ordinary UNet weights with ``requires_grad=True``, A1111's chunker) and "classic" (Forge Classic:
+version "classic", as reForge but the old ComfyUI reader's tuples, merged by the patcher).
 
 This tier runs in a process of its own (its ``modules`` package is not the A1111 fake's of
 tests/host): ``pytest tests`` runs it through tests/test_fake_neo_tier.py, and
@@ -36,7 +37,7 @@ from clora_ext.forge import lora_bridge, runtime  # noqa: E402
 from world import FakeNeoModel  # noqa: E402
 
 
-VERSIONS = {"neo": "neo", "forge2": "2.0.1v1.10.1", "reforge": "1.0.0v2-v1.10.1RC"}
+VERSIONS = {"neo": "neo", "forge2": "2.0.1v1.10.1", "reforge": "1.0.0v2-v1.10.1RC", "classic": "classic"}
 
 
 @pytest.fixture(scope="session", params=sorted(VERSIONS, reverse=True))
@@ -96,9 +97,9 @@ def fake_host(fake_model, lora_dir, monkeypatch):
     for objects in (fake_model.forge_objects_original, fake_model.forge_objects_after_applying_lora):
         assert set(objects.unet.model_options) == {"transformer_options"}, "the glue changed the host's own patcher"
         assert not objects.clip.patcher.patches, "the glue patched the host's own CLIP"
-    # Forge 2.x's and reForge's weights keep requires_grad=True (the engine switches it off for a
-    # gradient pass and back on), Neo's stay off
-    keeps = fake_model.flavour in ("forge2", "reforge")
+    # the weights of Forge 2.x, reForge and Classic keep requires_grad=True (the engine switches it
+    # off for a gradient pass and back on), Neo's stay off
+    keeps = fake_model.flavour != "neo"
     assert all(w.requires_grad == keeps for w in fake_model.diffusion_model.parameters())
 
 

@@ -93,9 +93,9 @@ def test_the_gradient_runs_inside_inference_mode(fake_host, fake_model, monkeypa
     x = torch.randn((1, 4, 8, 8))
     t = torch.tensor([500.0])
     context = torch.randn((1, 77, 32))
-    if fake_model.flavour == "reforge":
-        # reForge's weights are ordinary tensors that require grad; its sampler's x is an inference
-        # tensor, and the functional gradient on it works inside inference mode
+    if fake_model.flavour in ("reforge", "classic"):
+        # reForge's and Classic's weights are ordinary tensors that require grad; the sampler's x is
+        # an inference tensor, and the functional gradient on it works inside inference mode
         assert all(not w.is_inference() and w.requires_grad for w in unet.parameters())
         with _ldm_checkpointing_off(unet), torch.inference_mode():
             x_in = x.clone()
@@ -319,16 +319,17 @@ def test_sdxl_is_refused_with_a_message(fake_host, fake_model, monkeypatch):
     with pytest.raises(RequestRefused) as refused:
         generate(txt2img(script_args=(clora(*PAIR),)))
     assert refused.value.status_code == 422
-    name = {"neo": "Forge Neo", "forge2": "Forge 2.x", "reforge": "reForge"}[fake_model.flavour]
+    name = {"neo": "Forge Neo", "forge2": "Forge 2.x", "reforge": "reForge", "classic": "Forge Classic"}[fake_model.flavour]
     assert refused.value.detail == (f"CLoRA on {name} runs SD1.x checkpoints only so far; this checkpoint is SDXL. "
                                     "Load an SD1.x checkpoint or turn CLoRA off")
 
 
 def test_the_lora_readers_give_the_same_deltas(fake_host, fake_model, monkeypatch):
     """Neo's reader (adapter objects), Forge 2.x's (tuples: ("lora", (up, down, alpha, mid, dora)),
-    ("loha", ...)) and reForge's (``ldm_patched``: adapter objects, only the matched patches) must
-    give the glue the same per-layer deltas: low-rank for plain LoRA, the dense delta (the
-    adapter's calculate_weight; Forge 2.x: merge_lora_to_weight) for LoHa."""
+    ("loha", ...)), reForge's (``ldm_patched``: adapter objects, only the matched patches) and
+    Classic's (``ldm_patched``: ("lora", (up, down, alpha, mid)) tuples) must give the glue the same
+    per-layer deltas: low-rank for plain LoRA, the dense delta (the adapter's calculate_weight;
+    Forge 2.x: merge_lora_to_weight; Classic: the patcher's calculate_weight) for LoHa."""
     import modules_forge.forge_version as forge_version
     from backend.patcher import lora as host_lora
 
@@ -338,7 +339,7 @@ def test_the_lora_readers_give_the_same_deltas(fake_host, fake_model, monkeypatc
 
     p = txt2img()
     read, dense = {}, {}
-    for form in ("neo", "forge2", "reforge"):  # each read and built while its host runs
+    for form in VERSIONS:  # each read and built while its host runs
         monkeypatch.setattr(host_lora, "FLAVOUR", form)
         monkeypatch.setattr(forge_version, "version", VERSIONS[form])
         lora_bridge.clear_cache()
@@ -346,7 +347,7 @@ def test_the_lora_readers_give_the_same_deltas(fake_host, fake_model, monkeypatc
             read[form] = {name: lora_bridge.load(name, p) for name in ("cat_lora", "cat_loha")}
             dense[form] = {(name, module): delta.build()[0] for name, lora in read[form].items()
                            for module, delta in lora.unet.items() if isinstance(delta, LazyDelta)}
-    for other in ("forge2", "reforge"):
+    for other in ("forge2", "reforge", "classic"):
         for name in ("cat_lora", "cat_loha"):
             neo, theirs = read["neo"][name].unet, read[other][name].unet
             assert neo.keys() == theirs.keys() and neo
@@ -359,9 +360,10 @@ def test_the_lora_readers_give_the_same_deltas(fake_host, fake_model, monkeypatc
         assert dense["neo"].keys() == dense[other].keys() and dense["neo"]
         for key, delta in dense["neo"].items():
             assert delta.abs().sum() > 0 and torch.allclose(delta, dense[other][key], atol=1e-6)
-    forge2_clip = next(iter(read["forge2"]["cat_lora"].clip.values()))
-    assert isinstance(forge2_clip, tuple) and forge2_clip[0] == "lora"  # handed to the CLIP patcher as read
-    assert any(isinstance(d, LowRankDelta) for d in read["forge2"]["cat_lora"].unet.values())
+    for tuples in ("forge2", "classic"):
+        clip_patch = next(iter(read[tuples]["cat_lora"].clip.values()))
+        assert isinstance(clip_patch, tuple) and clip_patch[0] == "lora"  # handed to the CLIP patcher as read
+        assert any(isinstance(d, LowRankDelta) for d in read[tuples]["cat_lora"].unet.values())
 
 
 def test_reforge_reads_full_difference_layers_and_counts_unread_keys(fake_host, fake_model, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """Which Forge-family host gets what, as the entry script (scripts/clora.py) decides at load:
-Forge Neo, lllyasviel Forge 2.x and reForge the Forge glue, the others one line and no CLoRA script."""
+Forge Neo, lllyasviel Forge 2.x, reForge and Forge Classic the Forge glue, the others one line and no CLoRA script."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ def _hide(monkeypatch, package: str) -> None:
 
 @pytest.mark.parametrize("version, flavour, name", [
     ("neo", "neo", "Forge Neo"), ("2.0.1v1.10.1", "forge2", "Forge 2.x"), ("1.0.0v2-v1.10.1RC", "reforge", "reForge"),
+    ("classic", "classic", "Forge Classic"),
 ])
-def test_neo_forge2_and_reforge_get_the_forge_glue(monkeypatch, capsys, version, flavour, name):
+def test_the_four_forges_get_the_forge_glue(monkeypatch, capsys, version, flavour, name):
     monkeypatch.setattr(forge_version, "version", version)
-    _hide(monkeypatch, "backend" if flavour == "reforge" else "ldm_patched")
+    _hide(monkeypatch, "backend" if flavour in ("reforge", "classic") else "ldm_patched")
     assert compat.host_glue() == ("forge", None)
     assert host.flavour() == flavour and host.host_name() == name
     # the entry imports the Forge glue's script class (stood in for: the fake host has no Gradio UI)
@@ -40,16 +41,16 @@ def test_neo_forge2_and_reforge_get_the_forge_glue(monkeypatch, capsys, version,
 
 
 @pytest.mark.parametrize("version, package, name", [
-    ("classic", "ldm_patched", "Forge Classic classic"),
     ("0.0.17v1.8.0rc", "ldm_patched", "Forge 0.0.x 0.0.17v1.8.0rc"),
     ("1.0.0v2-v1.10.1RC", "backend", "a Forge with the backend package but an unknown version 1.0.0v2-v1.10.1RC"),
     ("1.0.0", "backend", "a Forge with the backend package but an unknown version 1.0.0"),
+    ("classic", "backend", "a Forge with the backend package but an unknown version classic"),
 ])
 def test_other_forges_get_one_line_and_no_script(monkeypatch, capsys, version, package, name):
     monkeypatch.setattr(forge_version, "version", version)
     _hide(monkeypatch, "backend" if package == "ldm_patched" else "ldm_patched")
     namespace = runpy.run_path(ENTRY)
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"CLoRA runs on AUTOMATIC1111 1.8.0 to 1.10.1, Forge Neo, lllyasviel Forge 2.x and reForge 1.x; "
-                     f"this host is {name}, not supported yet. The extension is not loaded."]
+    assert lines == [f"CLoRA runs on AUTOMATIC1111 1.8.0 to 1.10.1, Forge Neo, lllyasviel Forge 2.x, reForge 1.x and "
+                     f"Forge Classic; this host is {name}, not supported yet. The extension is not loaded."]
     assert "CLoRAScript" not in namespace

@@ -1,10 +1,10 @@
 """The fake Neo's checkpoint: the tiny SD1.5-layout ldm UNet and CLIP text encoder, loaded as Neo
 loads a model (weights as inference tensors, ``requires_grad`` off; as lllyasviel Forge 2.x does
-with ``flavour="forge2"``: inference tensors that keep ``requires_grad=True``; as reForge does with
-``flavour="reforge"``: ordinary tensors with ``requires_grad=True``), behind Neo's objects:
+with ``flavour="forge2"``: inference tensors that keep ``requires_grad=True``; as reForge and Forge
+Classic do with ``flavour="reforge"``/``"classic"``: ordinary tensors with ``requires_grad=True``), behind Neo's objects:
 ``forge_objects`` (a UnetPatcher over a KModel, a CLIP patcher: reForge's with ComfyUI's
 ``add_patches``), the copies Neo resets them from, and the text processing engine (chunker and
-encoder in one; reForge keeps the chunker as A1111's ``cond_stage_model``)."""
+encoder in one; reForge and Classic keep the chunker as A1111's ``cond_stage_model``)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class FakeNeoModel:
     def __init__(self, unet_seed: int = 0, te_seed: int = 0, flavour: str = "neo"):
         self.flavour = flavour
         self.schedule = NoiseSchedule()
-        reforge = flavour == "reforge"
+        reforge = flavour in ("reforge", "classic")  # the ldm_patched hosts
         unet = build_tiny_unet("sd15", seed=unet_seed)
         text_encoder = build_tiny_text_encoder(seed=te_seed)
         if reforge:  # ordinary tensors; the UNet's keep nn.Parameter's requires_grad=True

@@ -92,7 +92,7 @@ class LoHaAdapter(WeightAdapterBase):
 
 
 ADAPTERS = (LoRAAdapter, LoHaAdapter)
-FLAVOUR = "neo"  # or "forge2": the form load_lora returns
+FLAVOUR = "neo"  # or "forge2" (the form load_lora returns), "reforge", "classic" (ldm_patched.modules.lora)
 
 
 def as_forge2_tuple(adapter: WeightAdapterBase) -> tuple:
@@ -110,12 +110,14 @@ def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=t
         if strength_model != 1.0:
             weight *= strength_model
         cls = LoRAAdapter if kind == "lora" else LoHaAdapter
-        adapter = cls(set(), (*tensors, None) if kind == "lora" else tensors)
+        # Forge 2.x's tuples end with the DoRA scale, Classic's stop before it
+        adapter = cls(set(), (*tensors, None, None)[:6] if kind == "lora" else (*tensors, None)[:8])
         weight += function(strength * adapter.diff(weight.shape).to(computation_dtype))
     return weight
 
 
-def load_lora(lora: dict, to_load: dict) -> tuple[dict, dict]:
+def load_lora_objects(lora: dict, to_load: dict) -> tuple[dict, dict]:
+    """({model key: adapter object}, {tensors not used})."""
     patches, loaded = {}, set()
     for x, model_key in to_load.items():
         alpha = float(lora[f"{x}.alpha"].item()) if f"{x}.alpha" in lora else None
@@ -123,7 +125,14 @@ def load_lora(lora: dict, to_load: dict) -> tuple[dict, dict]:
         for cls in ADAPTERS:
             adapter = cls.load(x, lora, alpha, dora_scale)
             if adapter is not None:
-                patches[model_key] = as_forge2_tuple(adapter) if FLAVOUR == "forge2" else adapter
+                patches[model_key] = adapter
                 loaded |= adapter.loaded_keys | {f"{x}.alpha", f"{x}.dora_scale"}
                 break
     return patches, {k: v for k, v in lora.items() if k not in loaded}
+
+
+def load_lora(lora: dict, to_load: dict) -> tuple[dict, dict]:
+    patches, rest = load_lora_objects(lora, to_load)
+    if FLAVOUR == "forge2":
+        patches = {key: as_forge2_tuple(adapter) for key, adapter in patches.items()}
+    return patches, rest

@@ -13,3 +13,13 @@ class UnetPatcher(ModelPatcher):
 
     def add_conditioning_modifier(self, modifier, ensure_uniqueness: bool = False) -> None:
         self.append_model_option("conditioning_modifiers", modifier, ensure_uniqueness)
+
+    def calculate_weight(self, patches, weight, key):
+        """Forge Classic's merge (the old ComfyUI model patcher method): entries ``(strength, patch,
+        strength_model)`` with tuple patches, added into ``weight``."""
+        from .lora import merge_lora_to_weight
+
+        for strength, patch, strength_model in patches:
+            weight = merge_lora_to_weight([[strength, patch, strength_model, None, None]], weight, key,
+                                          computation_dtype=weight.dtype)
+        return weight

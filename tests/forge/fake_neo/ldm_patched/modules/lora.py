@@ -1,21 +1,28 @@
-"""reForge's LoRA reader as the glue uses it (written for these tests).
+"""reForge's and Forge Classic's LoRA reader as the glue uses it (written for these tests).
 
 - the same key maps as Neo (``model_lora_keys_unet``/``model_lora_keys_clip``);
-- ``load_lora(lora, to_load, log_missing=True)`` returns only {model key: patch}: Neo's adapter
-  objects for LoRA and LoHa, and ``("diff", (tensor,))`` for a layer stored as a full weight
-  difference (``<prefix>.diff``);
-- ``calculate_weight(patches, weight, key, intermediate_dtype)`` merges patch entries
-  ``(strength, patch, strength_model, offset, function)`` into ``weight``.
+- reForge: ``load_lora(lora, to_load, log_missing=True)`` returns only {model key: patch}: Neo's
+  adapter objects for LoRA and LoHa, and ``("diff", (tensor,))`` for a layer stored as a full
+  weight difference (``<prefix>.diff``); ``calculate_weight(patches, weight, key,
+  intermediate_dtype)`` merges patch entries ``(strength, patch, strength_model, offset,
+  function)`` into ``weight``;
+- Forge Classic (``backend.patcher.lora.FLAVOUR == "classic"``, set by the tests): the old
+  ComfyUI reader, ``load_lora(lora, to_load)`` -> ({model key: tuple}, {tensors not used}) with
+  ``("lora", (up, down, alpha, mid))`` and ``("loha", (w1a, w1b, alpha, w2a, w2b, t1, t2))``,
+  merged by the model patcher's ``calculate_weight`` method (``backend.patcher.unet``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from backend.patcher import lora as neo_lora
 from backend.patcher.lora import ADAPTERS, WeightAdapterBase, model_lora_keys_clip, model_lora_keys_unet  # noqa: F401
 
 
-def load_lora(lora: dict, to_load: dict, log_missing: bool = True) -> dict:
+def load_lora(lora: dict, to_load: dict, log_missing: bool = True):
+    if neo_lora.FLAVOUR == "classic":
+        return _classic_load_lora(lora, to_load)
     patches = {}
     for x, model_key in to_load.items():
         alpha = float(lora[f"{x}.alpha"].item()) if f"{x}.alpha" in lora else None
@@ -43,3 +50,15 @@ def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32, ori
         elif kind == "set":
             weight.copy_(tensors[0])
     return weight
+
+
+def _classic_load_lora(lora: dict, to_load: dict) -> tuple[dict, dict]:
+    adapters, rest = neo_lora.load_lora_objects(lora, to_load)
+    patches = {}
+    for key, adapter in adapters.items():
+        if adapter.name == "lora":
+            up, down, alpha, mid = adapter.weights[:4]
+            patches[key] = ("lora", (up, down, alpha, mid))
+        else:
+            patches[key] = ("loha", adapter.weights[:7])
+    return patches, rest
