@@ -389,3 +389,27 @@ def test_reforge_reads_full_difference_layers_and_counts_unread_keys(fake_host, 
     assert list(lora.unet) == [module] and isinstance(lora.unet[module], LazyDelta)
     assert torch.allclose(lora.unet[module].build()[0], diff, atol=1e-6)
     assert "LoRA 'whole_diff': 2 key(s) match no layer of the loaded model" in capsys.readouterr().out
+
+
+def test_a_dora_adapter_gives_its_delta_against_the_real_weight():
+    """DoRA renormalises the merged weight per output row, so its delta depends on the weight:
+    taken against zeros it would be wrong. The glue takes it against the layer's real weight."""
+    from clora_ext.forge import host
+
+    class LoRAAdapter:  # the host's class name; a DoRA scale in .weights[4]
+        def __init__(self, up, down, scale):
+            self.weights = (up, down, None, None, scale, None)
+
+        def calculate_weight(self, weight, key, strength, strength_model, offset, function, *args):
+            up, down, _, _, scale, _ = self.weights
+            merged = weight + strength * (up @ down)
+            return merged * (scale / merged.norm(dim=1, keepdim=True))
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, generator=g)
+    adapter = LoRAAdapter(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g), torch.rand(6, 1, generator=g) + 0.5)
+    read = host.read_adapter("diffusion_model.x.weight", adapter, None)
+    assert not read.plain  # never routed as a plain low-rank product
+    expected = adapter.calculate_weight(weight.clone(), "k", 1.0, 1.0, None, None) - weight
+    assert torch.allclose(read.delta(weight), expected, atol=1e-6)
+    assert not torch.allclose(read.delta(weight), adapter.calculate_weight(torch.zeros_like(weight), "k", 1.0, 1.0, None, None))
