@@ -37,6 +37,7 @@ from ..a1111.plan import (
     ChunkedTokenizer,
     CLoRARuntimeError,
     ProxyRows,
+    check_single_conds,
     fused_step,
     pick_segment,
     plan_variants,
@@ -198,7 +199,7 @@ class Pass:
     def modifier(self, model, x, timestep, uncond, cond, cond_scale, model_options, seed):
         try:
             with host.gradient_mode():
-                self._fused = self._step(model, x, timestep, model_options)
+                self._fused = self._step(model, x, timestep, model_options, cond)
         except (CLoRARuntimeError, CLoRAArgsError) as e:
             self.generation.close_pass()
             raise refused(e) from None
@@ -207,7 +208,10 @@ class Pass:
             raise
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
-    def _step(self, model: Any, x: torch.Tensor, sigma: torch.Tensor, model_options: dict) -> torch.Tensor:
+    def _step(self, model: Any, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, cond: list | None
+              ) -> torch.Tensor:
+        # the host's conds: one entry per AND sub-prompt (each with the rows of every image)
+        check_single_conds([len(cond)] if cond else [])
         if host.controlnet_active(self.generation.p):
             raise CLoRARuntimeError(controlnet_message("ControlNet is active for this generation"))
         if x.shape[0] != self.images:

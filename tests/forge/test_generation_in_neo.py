@@ -189,6 +189,19 @@ def test_a_refused_request_fails_with_422_and_leaves_nothing(fake_host, fake_mod
     assert p.closed and runtime.generations.serving(p) is None
 
 
+def test_an_and_prompt_is_refused_with_422(fake_host, fake_model):
+    """The host hands an AND prompt's sub-prompts to the conditioning modifier as separate conds;
+    CLoRA composes one prompt per image and refuses them, as on A1111."""
+    prompt = "a cat AND a dog"
+    assert generate(txt2img(prompt=prompt), with_script=False).images[0].isfinite().all()  # the host runs it
+    fake_model.kmodel.calls.clear()
+    p = txt2img(prompt=prompt, script_args=(clora(*PAIR),))
+    with pytest.raises(RequestRefused) as refused:
+        generate(p)
+    assert refused.value.status_code == 422 and "does not support AND-composed prompts" in refused.value.detail
+    assert fake_model.kmodel.calls == [] and p.closed
+
+
 def test_interrupt_during_refinement_stops_promptly(fake_host, fake_model):
     calls = []
 

@@ -42,7 +42,7 @@ class CFGDenoiser(torch.nn.Module):
             x = x * self.nmask + noisy_init * self.mask
         if getattr(self.p, "is_hr_pass", False):
             cond_scale = self.p.hr_cfg
-        denoised = sampling_function(self, x, sigma, cond_tensor, uncond_tensor, cond_scale, self.sigmas)
+        denoised = sampling_function(self, x, sigma, cond_tensor, uncond_tensor, cond_scale, self.sigmas, conds_list)
         if self.mask is not None:
             denoised = denoised * self.nmask + self.init_latent * self.mask
         self.sampler.last_latent = denoised

@@ -9,6 +9,10 @@ The CFG denoiser hands it the sampler's x (the very object, outside inpainting).
 3. calls ``model_options["model_function_wrapper"](model.apply_model, {"input", "timestep",
    "c", "cond_or_uncond"})`` where set (else ``apply_model``), and
 4. combines the outputs with CFG.
+
+An AND prompt gives ``cond`` one entry per sub-prompt position (the rows of that sub-prompt for
+every image, with its weight as ``strength``), as Neo's ``compile_weighted_conditions`` does; the
+weighted sum of their predictions is the cond prediction.
 """
 
 from __future__ import annotations
@@ -24,9 +28,15 @@ def _conds(tensor: torch.Tensor) -> list[dict]:
     return [{"model_conds": {"c_crossattn": tensor}}]
 
 
+def _weighted_conds(tensor: torch.Tensor, conds_list: list) -> list[dict]:
+    return [{"model_conds": {"c_crossattn": tensor[[i for i, _ in position]]}, "strength": position[0][1]}
+            for position in zip(*conds_list)]
+
+
 def calc_cond_uncond_batch(model, cond, uncond, x, timestep, model_options):
-    to_run = [(c, COND) for c in cond] + ([(u, UNCOND) for u in uncond] if uncond is not None else [])
-    out = {COND: None, UNCOND: None}
+    """(the cond prediction: the ``strength``-weighted sum over ``cond``'s entries, the uncond one)."""
+    to_run = [(c, (COND, k)) for k, c in enumerate(cond)] + ([(u, UNCOND) for u in uncond] if uncond is not None else [])
+    out = {UNCOND: None}
     while to_run:
         first = to_run[0][0]["model_conds"]["c_crossattn"]
         batch = [i for i, (c, _) in enumerate(to_run) if c["model_conds"]["c_crossattn"].shape == first.shape]
@@ -34,7 +44,8 @@ def calc_cond_uncond_batch(model, cond, uncond, x, timestep, model_options):
         picked = [to_run[i] for i in batch]
         for i in batch:
             to_run.pop(i)
-        chunks = [kind for _, kind in picked]
+        kinds = [kind for _, kind in picked]
+        chunks = [UNCOND if kind == UNCOND else COND for kind in kinds]
         transformer_options = dict(model_options.get("transformer_options", {}))
         transformer_options["cond_or_uncond"] = chunks[:]
         transformer_options["sigmas"] = timestep
@@ -47,12 +58,13 @@ def calc_cond_uncond_batch(model, cond, uncond, x, timestep, model_options):
                 "input": input_x, "timestep": timestep_, "c": c, "cond_or_uncond": chunks})
         else:
             output = model.apply_model(input_x, timestep_, **c)
-        for kind, rows in zip(chunks, output.chunk(len(chunks))):
+        for kind, rows in zip(kinds, output.chunk(len(chunks))):
             out[kind] = rows
-    return out[COND], out[UNCOND]
+    cond_pred = sum(out[(COND, k)] * c.get("strength", 1.0) for k, c in enumerate(cond))
+    return cond_pred, out[UNCOND]
 
 
-def sampling_function(denoiser, x, timestep, cond_tensor, uncond_tensor, cond_scale, sampling_sigmas):
+def sampling_function(denoiser, x, timestep, cond_tensor, uncond_tensor, cond_scale, sampling_sigmas, conds_list):
     from modules import shared
 
     unet_patcher = shared.sd_model.forge_objects.unet
@@ -60,7 +72,7 @@ def sampling_function(denoiser, x, timestep, cond_tensor, uncond_tensor, cond_sc
     model_options = dict(unet_patcher.model_options)
     model_options["transformer_options"] = {**model_options.get("transformer_options", {}),
                                             "sampling_sigmas": sampling_sigmas}
-    cond, uncond = _conds(cond_tensor), _conds(uncond_tensor)
+    cond, uncond = _weighted_conds(cond_tensor, conds_list), _conds(uncond_tensor)
     seed = denoiser.p.seed
     for modifier in model_options.get("conditioning_modifiers", []):
         model, x, timestep, uncond, cond, cond_scale, model_options, seed = modifier(
