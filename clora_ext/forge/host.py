@@ -1,12 +1,13 @@
 """Every access to the internals of the Forge hosts CLoRA runs on (Forge Neo and lllyasviel Forge
-2.x with their ``backend`` package, reForge with its ``ldm_patched`` package, and the sampling
-objects they put on ``p``), in one module: the seam, where the hosts' differences are decided.
+2.x with their ``backend`` package, reForge and Forge Classic with their ``ldm_patched``
+package, and the sampling objects they put on ``p``), in one module: the seam, where the
+hosts' differences are decided.
 
 What these hosts keep of AUTOMATIC1111's API (``shared.opts``, ``shared.state``, the Lora
 extension's listing, ``ui_components``, the script classes) is reached through
-``clora_ext.a1111.host`` as on A1111; this module holds what only the ``backend`` family has:
-the UnetPatcher and its model options, KModel (reForge: BaseModel), the host's LoRA loader,
-the CLIP patcher and the text processing engine.
+``clora_ext.a1111.host`` as on A1111; this module holds what only the Forge family has: the
+UnetPatcher and its model options, KModel (``ldm_patched``: BaseModel), the host's LoRA reader,
+the CLIP patcher and the prompt chunker.
 
 Where Forge 2.x (lllyasviel, ``forge_version.version == "2.0.1v1.10.1"`` at dfdcbab6) differs
 from Neo:
@@ -23,7 +24,7 @@ from Neo:
 Everything else the glue uses has the same names and signatures (line numbers differ).
 
 Where reForge (``ldm_patched``, ``forge_version.version == "1.0.0v2-v1.10.1RC"`` at 3b56b268)
-differs from Neo (measured in the running host, /work/notes/reforge_bringup.md):
+differs from Neo (measured in the running host; docs/forge-neo.md):
 - the LoRA reader is ``ldm_patched.modules.lora`` (after ``lora_convert.convert_lora``); its
   ``load_lora`` returns only {model key: patch} (Neo's adapter objects, or ``("diff", ...)`` /
   ``("set", ...)`` tuples merged by its ``calculate_weight``), so the unmatched keys are
@@ -34,6 +35,14 @@ differs from Neo (measured in the running host, /work/notes/reforge_bringup.md):
   inside inference mode only, as on the other two hosts;
 - ``sampling_function`` runs without uncond rows at NGMS / "skip early CFG" steps: the
   wrapper then serves the cond rows only (``cond_or_uncond == [0]``).
+
+Forge Classic (``ldm_patched``, ``forge_version.version == "classic"`` at 1f95d717) is reForge's
+case except that:
+- its reader is the old ComfyUI one: ``load_lora`` returns ({model key: tuple}, unread tensors),
+  with ``("lora", (up, down, alpha, mid))`` and the other kinds as tuples, merged by the model
+  patcher's ``calculate_weight(patches, weight, key)`` method; there is no ``lora_convert``;
+- its residual adds are in place, as Neo's (the functional gradient functionalises them);
+- it runs the first step of every pass at CFG 1 (cond rows only) with default settings.
 """
 
 from __future__ import annotations
@@ -70,9 +79,10 @@ def host_name() -> str:
 
 
 def gradient_mode() -> Any:
-    """The mode CLoRA's step (and its functional gradient pass) runs in: inference mode. Both hosts
-    call the conditioning modifier inside it already; Forge 2.x's ``requires_grad=True`` inference
-    weights need it (see the module docstring), so it is made explicit here."""
+    """The mode CLoRA's step (and its functional gradient pass) runs in: inference mode. Every host
+    calls the conditioning modifier inside it already; the functional gradient works on Forge
+    2.x's ``requires_grad=True`` inference weights, and on reForge's and Classic's mixed ones,
+    only there (see the module docstring), so it is made explicit here."""
     return torch.inference_mode()
 
 # -- the UNet patcher of one sampling pass ----------------------------------------------------------
