@@ -48,9 +48,10 @@ def kohya_unet_key(ldm_name: str, unet_naming: str = "diffusers") -> str:
     return "lora_unet_" + dotted.replace(".", "_")
 
 
-def kohya_te_key(name: str) -> str:
-    """kohya key of a transformers CLIP text-encoder module (``text_model.encoder...``)."""
-    return "lora_te_" + name.replace(".", "_")
+def kohya_te_key(name: str, prefix: str = "lora_te_") -> str:
+    """kohya key of a transformers CLIP text-encoder module (``text_model.encoder...``); SDXL files
+    name their two encoders ``lora_te1_`` (clip_l) and ``lora_te2_`` (clip_g)."""
+    return prefix + name.replace(".", "_")
 
 
 def put_kohya(tensors: dict[str, torch.Tensor], key: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> None:
@@ -70,16 +71,22 @@ def write_kohya_lora(
     strength: float = 1.0,
     conv: bool = False,
     unet_naming: str = "diffusers",
+    text_encoders: dict[str, nn.Module] | None = None,
 ) -> str:
-    """Write a kohya LoRA (LoCon with ``conv=True``) for ``unet`` / ``text_encoder``; returns the path."""
+    """Write a kohya LoRA (LoCon with ``conv=True``) for ``unet`` / ``text_encoder``; returns the path.
+    ``text_encoders`` ({kohya prefix: encoder}) names several encoders, as SDXL files do
+    (``{"lora_te1_": clip_l, "lora_te2_": clip_g}``, with ``unet_naming="ldm"``)."""
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     pattern = re.compile(f"{UNET_TARGETS.pattern}|{LOCON_TARGETS.pattern}") if conv else UNET_TARGETS
     for name, module in lora_targets(unet, pattern):
         put_kohya(tensors, kohya_unet_key(name, unet_naming), *_factors(module, rank, gen, strength), alpha)
+    encoders = dict(text_encoders or {})
     if text_encoder is not None:
-        for name, module in lora_targets(text_encoder, TE_TARGETS):
-            put_kohya(tensors, kohya_te_key(name), *_factors(module, rank, gen, strength), alpha)
+        encoders["lora_te_"] = text_encoder
+    for prefix, encoder in encoders.items():
+        for name, module in lora_targets(encoder, TE_TARGETS):
+            put_kohya(tensors, kohya_te_key(name, prefix), *_factors(module, rank, gen, strength), alpha)
     path = os.fspath(path)
     save_file(tensors, path, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
     return path

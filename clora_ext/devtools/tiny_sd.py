@@ -160,7 +160,8 @@ def _reinit_(model: nn.Module, seed: int) -> None:
             p.copy_(value.to(dtype=p.dtype, device=p.device))
 
 
-def build_tiny_unet(layout: str = "sd15", seed: int = 0, context_dim: int | None = None) -> nn.Module:
+def build_tiny_unet(layout: str = "sd15", seed: int = 0, context_dim: int | None = None,
+                    adm_in_channels: int | None = None) -> nn.Module:
     """Build a tiny, seeded ``ldm`` ``UNetModel`` (fp32, eval mode, CPU).
 
     ``layout`` is ``"sd15"``, ``"sdxl"`` or ``"sd15-full"`` (see
@@ -169,6 +170,10 @@ def build_tiny_unet(layout: str = "sd15", seed: int = 0, context_dim: int | None
     Call it as ``unet(x, timesteps, context=ctx)`` with ``x`` of shape
     (B, 4, H, W) (H, W multiples of 8 for sd15, of 4 for sdxl), ``timesteps``
     of shape (B,) and ``ctx`` of shape (B, T, context_dim).
+    ``adm_in_channels`` (sdxl only) gives it SDXL's vector input: call it with
+    ``y`` of shape (B, adm_in_channels) too, which SDXL's ``label_emb``
+    (Linear, SiLU, Linear, at ``label_emb.0.0`` and ``label_emb.0.2``) adds to
+    the timestep embedding.
     Cross-attention modules are ``ldm.modules.attention.CrossAttention`` at
     ``*.transformer_blocks.N.attn2``. Parameters keep ``requires_grad=True``
     as A1111's model does.
@@ -177,7 +182,16 @@ def build_tiny_unet(layout: str = "sd15", seed: int = 0, context_dim: int | None
     from ldm.modules.attention import SpatialTransformer
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
+    if adm_in_channels is not None:
+        if layout != "sdxl":
+            raise ValueError("adm_in_channels is SDXL's vector input; use layout 'sdxl'")
+        # this ldm knows no "sequential" vector input: build "continuous" (y added to the timestep
+        # embedding through label_emb) and give label_emb SDXL's form
+        config["num_classes"] = "continuous"
     unet = UNetModel(**config)
+    if adm_in_channels is not None:
+        width = unet.time_embed[0].out_features
+        unet.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, width), nn.SiLU(), nn.Linear(width, width)))
     if layout == "sdxl":
         cls = _broadcast_context_cls()
         for module in unet.modules():
