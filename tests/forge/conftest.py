@@ -6,6 +6,9 @@ family (the ``flavour`` fixture): "neo" (Forge Neo), "forge2" (lllyasviel Forge 
 ordinary UNet weights with ``requires_grad=True``, A1111's chunker) and "classic" (Forge Classic:
 version "classic", as reForge but the old ComfyUI reader's tuples, merged by the patcher).
 
+Besides the SD1.5 checkpoint (``fake_model``, ``fake_host``) there is an SDXL one
+(``fake_sdxl_model``, ``fake_sdxl_host``) with its own LoRA folder.
+
 This tier runs in a process of its own (its ``modules`` package is not the A1111 fake's of
 tests/host): ``pytest tests`` runs it through tests/test_fake_neo_tier.py, and
 ``pytest tests/forge`` runs it directly. The model and the LoRA files are built once per
@@ -17,6 +20,7 @@ patchers no option of it.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -34,7 +38,7 @@ import networks  # noqa: E402
 from backend.patcher import lora as host_lora  # noqa: E402
 from clora_ext.devtools.loras import UNET_TARGETS, kohya_unet_key, lora_targets, write_kohya_lora  # noqa: E402
 from clora_ext.forge import lora_bridge, runtime  # noqa: E402
-from world import FakeNeoModel  # noqa: E402
+from world import FakeNeoModel, FakeNeoSDXLModel  # noqa: E402
 
 
 VERSIONS = {"neo": "neo", "forge2": "2.0.1v1.10.1", "reforge": "1.0.0v2-v1.10.1RC", "classic": "classic"}
@@ -79,9 +83,40 @@ def lora_dir(tmp_path_factory, fake_model) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def fake_sdxl_model(flavour) -> FakeNeoSDXLModel:
+    return FakeNeoSDXLModel(unet_seed=0, te_seed=0, flavour=flavour)
+
+
+@pytest.fixture(scope="session")
+def sdxl_lora_dir(tmp_path_factory, fake_sdxl_model, lora_dir) -> str:
+    """SDXL kohya LoRAs (UNet keys in ldm naming, ``lora_te1_``/``lora_te2_`` for clip_l/clip_g):
+    cat_xl, dog_xl; and cat_lora, the SD1.5 checkpoint's, made for another family."""
+    folder = tmp_path_factory.mktemp("LoraXL")
+    unet = fake_sdxl_model.diffusion_model
+    encoders = fake_sdxl_model.forge_objects.clip.cond_stage_model
+    text_encoders = {"lora_te1_": encoders.clip_l.transformer, "lora_te2_": encoders.clip_g.transformer}
+    with torch.no_grad():
+        for seed, name in enumerate(["cat_xl", "dog_xl"]):
+            write_kohya_lora(folder / f"{name}.safetensors", unet, seed=seed + 1, strength=2.0, unet_naming="ldm",
+                             text_encoders=text_encoders)
+    shutil.copy(os.path.join(lora_dir, "cat_lora.safetensors"), folder)
+    return str(folder)
+
+
 @pytest.fixture
 def fake_host(fake_model, lora_dir, monkeypatch):
     """A started fake host (Neo or Forge 2.x) with ``fake_model`` loaded and the LoRA folder listed."""
+    yield from _started_host(fake_model, lora_dir, monkeypatch)
+
+
+@pytest.fixture
+def fake_sdxl_host(fake_sdxl_model, sdxl_lora_dir, monkeypatch):
+    """A started fake host (Neo or Forge 2.x) with the SDXL checkpoint loaded and the SDXL LoRA folder listed."""
+    yield from _started_host(fake_sdxl_model, sdxl_lora_dir, monkeypatch)
+
+
+def _started_host(fake_model, lora_dir, monkeypatch):
     monkeypatch.setattr(forge_version, "version", VERSIONS[fake_model.flavour])
     monkeypatch.setattr(host_lora, "FLAVOUR", fake_model.flavour)
     shared.reset(fake_model)

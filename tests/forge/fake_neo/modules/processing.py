@@ -42,6 +42,7 @@ class StableDiffusionProcessing:
     extra_generation_params: dict = field(default_factory=dict)
     closed: bool = False
     is_hr_pass: bool = False
+    refiner_checkpoint: str | None = None  # the refiner switch (this fake never switches)
     scripts: Any = None
 
     def close(self) -> None:
@@ -84,8 +85,12 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         config = sd_samplers.find_sampler_config(self.hr_sampler_name or self.sampler_name)
         hires_steps = config.total_steps(self.hr_second_pass_steps or self.steps)
         model = self.sd_model
-        hr_c = prompt_parser.get_multicond_learned_conditioning(model, self.hr_prompts, self.firstpass_steps, hires_steps)
-        hr_uc = prompt_parser.get_learned_conditioning(model, self.hr_negative_prompts, self.firstpass_steps, hires_steps)
+        size = {"width": self.hr_upscale_to_x, "height": self.hr_upscale_to_y}
+        hr_c = prompt_parser.get_multicond_learned_conditioning(
+            model, prompt_parser.SdConditioning(self.hr_prompts, **size), self.firstpass_steps, hires_steps)
+        hr_uc = prompt_parser.get_learned_conditioning(
+            model, prompt_parser.SdConditioning(self.hr_negative_prompts, is_negative_prompt=True, **size),
+            self.firstpass_steps, hires_steps)
         noise = torch.randn(samples.shape, generator=torch.Generator().manual_seed(self.seed + 1000))
         self.scripts.process_before_every_sampling(self, x=samples, noise=noise, c=hr_c, uc=hr_uc)
         self.sampler = sd_samplers.create_sampler(self.hr_sampler_name or self.sampler_name, model)
@@ -160,8 +165,11 @@ def process_images(p: StableDiffusionProcessing, scripts: list) -> Processed:
             p.negative_prompts = [p.negative_prompt] * p.batch_size
             p.is_hr_pass = False
             model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
-            c = prompt_parser.get_multicond_learned_conditioning(model, p.prompts, p.firstpass_steps)
-            uc = prompt_parser.get_learned_conditioning(model, p.negative_prompts, p.firstpass_steps)
+            size = {"width": p.width, "height": p.height}  # SDXL's size conditioning
+            c = prompt_parser.get_multicond_learned_conditioning(
+                model, prompt_parser.SdConditioning(p.prompts, **size), p.firstpass_steps)
+            uc = prompt_parser.get_learned_conditioning(
+                model, prompt_parser.SdConditioning(p.negative_prompts, is_negative_prompt=True, **size), p.firstpass_steps)
             generator = torch.Generator().manual_seed(p.seed + n)
             noise = torch.randn((p.batch_size, 4, p.height // 8, p.width // 8), generator=generator)
             images.extend(p.sample(c, uc, noise))

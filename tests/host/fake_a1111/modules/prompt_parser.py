@@ -2,7 +2,8 @@
 
 Prompt editing is reduced to one form, ``[from:to:N]`` with an integer step N, which
 is enough to give the glue prompts that change during sampling; AND is one sub-prompt
-per image unless the prompt contains `` AND ``.
+per image unless the prompt contains `` AND ``. A model's conds are tensors, one per prompt,
+or SDXL's dict of batched tensors (``crossattn``, ``vector``), split per prompt as the host does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ _EDIT = re.compile(r"\[([^\[\]:]*):([^\[\]:]*):(\d+)\]")
 class SdConditioning(list):
     def __init__(self, prompts, is_negative_prompt=False, width=None, height=None, copy_from=None):
         super().__init__(prompts)
+        if copy_from is not None:
+            is_negative_prompt = getattr(copy_from, "is_negative_prompt", is_negative_prompt)
+            width = getattr(copy_from, "width", width)
+            height = getattr(copy_from, "height", height)
         self.is_negative_prompt = is_negative_prompt
         self.width = width
         self.height = height
@@ -42,7 +47,9 @@ def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_sc
     schedules = get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps, use_old_scheduling)
     res = []
     for schedule in schedules:
-        conds = model.get_learned_conditioning([text for _, text in schedule])
+        conds = model.get_learned_conditioning(SdConditioning([text for _, text in schedule], copy_from=prompts))
+        if isinstance(conds, dict):
+            conds = [{key: value[i] for key, value in conds.items()} for i in range(len(schedule))]
         res.append([ScheduledPromptConditioning(end, cond) for (end, _), cond in zip(schedule, conds)])
     return res
 
@@ -61,7 +68,7 @@ class MulticondLearnedConditioning:
 
 def get_multicond_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
     parts = [prompt.split(" AND ") for prompt in prompts]
-    flat = [p for ps in parts for p in ps]
+    flat = SdConditioning([p for ps in parts for p in ps], copy_from=prompts)
     learned = iter(get_learned_conditioning(model, flat, steps, hires_steps, use_old_scheduling))
     batch = [[ComposableScheduledPromptConditioning(next(learned)) for _ in ps] for ps in parts]
     return MulticondLearnedConditioning((len(prompts),), batch)
@@ -76,6 +83,8 @@ def _at(schedule, step):
 
 def _stack(conds):
     """Rows of different token lengths are padded with their last token, as the host does."""
+    if isinstance(conds[0], dict):
+        return {"crossattn": _stack([c["crossattn"] for c in conds]), "vector": torch.stack([c["vector"] for c in conds])}
     length = max(c.shape[0] for c in conds)
     return torch.stack([torch.cat([c, c[-1:].expand(length - c.shape[0], -1)]) if c.shape[0] < length else c
                         for c in conds])

@@ -1,8 +1,9 @@
 """``KModel``: the diffusion model behind an eps predictor in sigma space.
 
-``apply_model(x, t, c_concat, c_crossattn, control, transformer_options)`` takes the
+``apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **extra)`` takes the
 sampler's x (= x_t / sqrt(abar)) and sigma ``t``, feeds the UNet x / sqrt(sigma^2 + 1) and
-the timestep of sigma, and returns the denoised x0 = x - sigma * eps. The diffusion model
+the timestep of sigma, and returns the denoised x0 = x - sigma * eps. Extra conds (SDXL's
+vector ``y``) go on to the UNet as keywords, as Neo's do. The diffusion model
 is eval, ``requires_grad_(False)`` (Neo; lllyasviel Forge 2.x's KModel leaves ``requires_grad``
 as it is: ``requires_grad_off=False``), and its weights are inference tensors (``world.py``
 loads them under ``torch.inference_mode()``, as Neo's loader does).
@@ -47,5 +48,5 @@ class KModel(torch.nn.Module):
         if c_concat is not None:
             xc = torch.cat([xc, c_concat], dim=1)
         self.calls.append(x.shape[0])
-        out = self.diffusion_model(xc, self.predictor.timestep(sigma), context=c_crossattn).float()
+        out = self.diffusion_model(xc, self.predictor.timestep(sigma), context=c_crossattn, **kwargs).float()
         return self.predictor.calculate_denoised(sigma, out, x)

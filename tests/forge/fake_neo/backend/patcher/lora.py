@@ -1,10 +1,12 @@
 """Neo's LoRA reading as the glue uses it (written for these tests): key maps from the loaded
 models to file keys, and ``load_lora`` turning a file's tensors into weight adapters.
 
-- ``model_lora_keys_unet(kmodel, key_map)``: kohya names (``lora_unet_<diffusers name>``) and
-  plain names of the KModel's ``diffusion_model.*.weight`` keys;
+- ``model_lora_keys_unet(kmodel, key_map)``: kohya names (``lora_unet_<diffusers name>``, and
+  ``lora_unet_<ldm name>`` as SDXL files name them) and plain names of the KModel's
+  ``diffusion_model.*.weight`` keys;
 - ``model_lora_keys_clip(cond_stage_model, key_map)``: ``lora_te_text_model_*`` names of the
-  SD1 text encoder's ``clip_l.transformer.text_model.*.weight`` keys;
+  text encoders' ``clip_l.transformer.text_model.*.weight`` keys; with SDXL's clip_g there too,
+  ``lora_te1_*`` (clip_l) and ``lora_te2_*`` (clip_g);
 - ``load_lora(lora, to_load)`` -> ({model key: adapter}, {tensors not used}). Neo's adapters:
   ``LoRAAdapter`` (``.weights = (up, down, alpha, mid, dora_scale, reshape)``) and
   ``LoHaAdapter``; both build their delta in ``calculate_weight(weight, key, strength,
@@ -22,7 +24,7 @@ import torch
 
 from clora_ext.devtools.loras import kohya_te_key, kohya_unet_key
 
-UNET_PREFIX, CLIP_PREFIX, SUFFIX = "diffusion_model.", "clip_l.transformer.", ".weight"
+UNET_PREFIX, SUFFIX = "diffusion_model.", ".weight"
 
 
 def model_lora_keys_unet(model, key_map: dict | None = None) -> dict:
@@ -32,6 +34,7 @@ def model_lora_keys_unet(model, key_map: dict | None = None) -> dict:
             continue
         name = key[len(UNET_PREFIX):-len(SUFFIX)]
         key_map[key[:-len(SUFFIX)]] = key
+        key_map[kohya_unet_key(name, "ldm")] = key
         try:
             key_map[kohya_unet_key(name)] = key
         except ValueError:
@@ -41,9 +44,15 @@ def model_lora_keys_unet(model, key_map: dict | None = None) -> dict:
 
 def model_lora_keys_clip(model, key_map: dict | None = None) -> dict:
     key_map = {} if key_map is None else key_map
-    for key in model.state_dict():
-        if key.startswith(CLIP_PREFIX) and key.endswith(SUFFIX):
-            key_map[kohya_te_key(key[len(CLIP_PREFIX):-len(SUFFIX)])] = key
+    keys = [k for k in model.state_dict() if k.endswith(SUFFIX)]
+    sdxl = any(k.startswith("clip_g.") for k in keys)
+    prefixes = {"clip_l.transformer.": ["lora_te_"] + (["lora_te1_"] if sdxl else []),
+                "clip_g.transformer.": ["lora_te2_"]}
+    for key in keys:
+        for encoder, kohya_prefixes in prefixes.items():
+            if key.startswith(encoder):
+                for prefix in kohya_prefixes:
+                    key_map[kohya_te_key(key[len(encoder):-len(SUFFIX)], prefix)] = key
     return key_map
 
 

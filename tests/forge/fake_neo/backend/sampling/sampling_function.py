@@ -3,7 +3,8 @@
 The CFG denoiser hands it the sampler's x (the very object, outside inpainting). It
 1. runs the UnetPatcher's ``conditioning_modifiers`` with
    ``(model, x, timestep, uncond, cond, cond_scale, model_options, seed)``;
-2. batches the conds: cond and uncond of the same token length run in one call, uncond
+2. batches the conds (``model_conds``: ``c_crossattn``, and SDXL's vector as ``y``, from the
+   host's dict conds): cond and uncond of the same token length run in one call, uncond
    first (``cond_or_uncond == [1, 0]``); otherwise cond, then uncond, in calls of their
    own; no uncond at CFG scale 1;
 3. calls ``model_options["model_function_wrapper"](model.apply_model, {"input", "timestep",
@@ -24,8 +25,10 @@ import torch
 COND, UNCOND = 0, 1
 
 
-def _conds(tensor: torch.Tensor) -> list[dict]:
-    return [{"model_conds": {"c_crossattn": tensor}}]
+def _conds(cond: torch.Tensor | dict) -> list[dict]:
+    if isinstance(cond, dict):  # SDXL
+        return [{"model_conds": {"c_crossattn": cond["crossattn"], "y": cond["vector"]}}]
+    return [{"model_conds": {"c_crossattn": cond}}]
 
 
 def _weighted_conds(tensor: torch.Tensor, conds_list: list) -> list[dict]:
@@ -49,8 +52,8 @@ def calc_cond_uncond_batch(model, cond, uncond, x, timestep, model_options):
         transformer_options = dict(model_options.get("transformer_options", {}))
         transformer_options["cond_or_uncond"] = chunks[:]
         transformer_options["sigmas"] = timestep
-        c = {"c_crossattn": torch.cat([entry["model_conds"]["c_crossattn"] for entry, _ in picked]),
-             "transformer_options": transformer_options}
+        c = {key: torch.cat([entry["model_conds"][key] for entry, _ in picked]) for key in picked[0][0]["model_conds"]}
+        c["transformer_options"] = transformer_options
         input_x = torch.cat([x] * len(chunks))
         timestep_ = torch.cat([timestep] * len(chunks))
         if "model_function_wrapper" in model_options:
