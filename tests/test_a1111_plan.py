@@ -13,7 +13,9 @@ from clora_ext.a1111.plan import (
     FusedProxy,
     ProxyRows,
     check_single_conds,
+    condition_parts,
     group_images,
+    make_condition,
     pick_segment,
     plan_variants,
     token_map_schedule,
@@ -188,3 +190,11 @@ def test_a_subject_edited_away_is_reported_with_its_steps(clip_bpe):
     schedules = [[(4, v.prompt), (10, v.prompt.replace("dog", "fox"))] for v in variants]
     with pytest.raises(CLoRARuntimeError, match=r"'dog' is not in the prompt during steps 5-10"):
         token_map_schedule(comp, variants, tok, schedules)
+
+
+def test_condition_parts_reads_back_what_make_condition_builds():
+    context, vector, image_cond = torch.randn(2, 77, 8), torch.randn(2, 6), torch.zeros(2, 5, 1, 1)
+    sd1 = condition_parts(make_condition(context, image_cond))
+    assert sd1[0] is context and sd1[1] is None
+    sdxl = condition_parts(make_condition({"crossattn": context, "vector": vector}, image_cond))
+    assert sdxl[0] is context and sdxl[1] is vector

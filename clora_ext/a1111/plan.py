@@ -176,6 +176,14 @@ def make_condition(context: torch.Tensor | dict, image_cond: torch.Tensor) -> di
     return {"c_crossattn": [context], "c_concat": [image_cond]}
 
 
+def condition_parts(condition: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cross-attention context, SDXL's vector or None) of a ``make_condition`` dict, for a host
+    whose model takes them as separate arguments (the Forge family's ``c_crossattn`` and ``y``)."""
+    if "crossattn" in condition:
+        return condition["crossattn"], condition["vector"]
+    return condition["c_crossattn"][0], None
+
+
 @dataclass
 class HostRowModel:
     """The engine's row model over the host's inner model, for the images ``ids`` of the batch."""

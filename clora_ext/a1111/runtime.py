@@ -129,8 +129,7 @@ def begin(p: Any, args: Sequence[Any]) -> None:
         check_host()
         if not (host.is_txt2img(p) or host.is_img2img(p)):
             raise CLoRARuntimeError(f"CLoRA: {type(p).__name__} is neither txt2img nor img2img; CLoRA runs in those two")
-        if host.uses_refiner(p):  # the switch loads another model, which the concepts' LoRAs do not fit
-            raise CLoRARuntimeError("CLoRA: the refiner switch is not supported; turn the refiner off to use CLoRA")
+        refuse_refiner(p)
         units = host.controlnet_units_enabled(p)
         if units:
             raise CLoRARuntimeError(controlnet_message(f"ControlNet unit {units[0]} is enabled"))
@@ -141,6 +140,13 @@ def begin(p: Any, args: Sequence[Any]) -> None:
         return
     host.set_generation_param(p, infotext.KEY, infotext.dump(parsed))
     generations.open(p, parsed)
+
+
+def refuse_refiner(p: Any) -> None:
+    """The refiner switch loads another checkpoint part way, which the concepts' LoRAs do not fit
+    (both glues: the Forge family keeps A1111's switch)."""
+    if host.uses_refiner(p):
+        raise CLoRARuntimeError("CLoRA: the refiner switch is not supported; turn the refiner off to use CLoRA")
 
 
 def controlnet_message(what: str) -> str:

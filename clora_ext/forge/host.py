@@ -115,12 +115,15 @@ def diffusion_model(patcher: Any) -> torch.nn.Module:
 
 
 def apply_model(kmodel_: Any, model_options: dict, x: torch.Tensor, sigma: torch.Tensor,
-                context: torch.Tensor) -> torch.Tensor:
-    """KModel.apply_model on rows ``x`` at ``sigma`` with cross-attention ``context``: the x0 prediction."""
+                context: torch.Tensor, vector: torch.Tensor | None = None) -> torch.Tensor:
+    """KModel.apply_model on rows ``x`` at ``sigma`` with cross-attention ``context``: the x0 prediction.
+    ``vector`` (SDXL: each row's pooled text embedding and size embeddings, one row per row of ``x``) goes
+    in as ``y``, where the host's own conds put it (``model_conds["y"]``, passed on to the UNet's ``y``)."""
     options = dict(model_options.get("transformer_options", {}))
     options["cond_or_uncond"] = [0]
     options["sigmas"] = sigma
-    return kmodel_.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
+    extra = {} if vector is None else {"y": vector}
+    return kmodel_.apply_model(x, sigma, c_crossattn=context, transformer_options=options, **extra)
 
 
 def step_and_total(p: Any, model_options: dict, sigma: torch.Tensor) -> tuple[int, int]:
@@ -345,17 +348,35 @@ def prompt_schedules(texts: list[str], steps: int, hires_steps: int | None) -> l
 
 def prompt_chunker(p: Any) -> Any:
     """The host's prompt chunker (tokenize_line, id_start, id_end, id_pad): Neo's and Forge 2.x's
-    text processing engine, reForge's and Classic's A1111 embedder."""
+    text processing engine (SDXL's first, clip_l's: both of its encoders chunk a prompt alike),
+    reForge's and Classic's A1111 embedder."""
     if _ldm_patched():
         return webui.prompt_chunker(p.sd_model)
-    return p.sd_model.text_processing_engine
+    model = p.sd_model
+    return model.text_processing_engine_l if getattr(model, "is_sdxl", False) else model.text_processing_engine
+
+
+def supported_families() -> tuple[str, ...]:
+    """The ``model_family`` names CLoRA runs on this host: SD1.x and SDXL on Neo and Forge 2.x, SD1.x
+    on reForge and Classic (their SDXL model is A1111's, not checked yet)."""
+    return ("SD1",) if _ldm_patched() else ("SD1", "SDXL")
 
 
 def model_family(p: Any) -> str:
+    """"SD1" or "SDXL", else what the checkpoint is: "SDXL refiner" (Neo and Forge 2.x mark it
+    ``is_sdxl`` too, but it has only the clip_g engine), "SD2", the engine's class name (Flux, ...);
+    " inpainting" appended for an inpainting checkpoint (extra UNet input channels)."""
     model = p.sd_model
     if getattr(model, "is_sd1", False):
-        return "SD1"
-    return "SDXL" if getattr(model, "is_sdxl", False) else type(model).__name__
+        family = "SD1"
+    elif getattr(model, "is_sdxl", False):
+        refiner = not _ldm_patched() and not hasattr(model, "text_processing_engine_l")
+        family = "SDXL refiner" if refiner else "SDXL"
+    elif getattr(model, "is_sd2", False):
+        family = "SD2"
+    else:
+        family = type(model).__name__
+    return f"{family} inpainting" if getattr(model, "is_inpaint", False) else family
 
 
 # -- interrupt -----------------------------------------------------------------------------------

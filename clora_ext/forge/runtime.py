@@ -19,6 +19,11 @@ through the host's own extension points (host-facing; the hosts' differences are
   resets ``forge_objects`` before every sampling): nothing to undo in the host's patchers.
   Hooks on the diffusion model's modules (map capture, per-row routing, interrupt checks)
   are taken off when the pass closes (next pass, sampling error, or the host closing ``p``).
+
+SD1.x and SDXL checkpoints run. SDXL's conds are the host's dicts (``crossattn``, and ``vector``:
+the pooled clip_g embedding with the size embeddings); each variant row goes to ``KModel.apply_model``
+with its own context and its own vector as ``y``, as the host's conds pass it. Other families
+(SD2, Flux, ..., the SDXL refiner, inpainting checkpoints) and the refiner switch are refused.
 """
 
 from __future__ import annotations
@@ -38,15 +43,19 @@ from ..a1111.plan import (
     CLoRARuntimeError,
     ProxyRows,
     check_single_conds,
+    condition_parts,
     fused_step,
     pick_segment,
     plan_variants,
     token_map_schedule,
 )
 from ..a1111.previews import PreviewStore
-from ..a1111.runtime import Generations, controlnet_message, refused, wants_clora
+from ..a1111.runtime import Generations, controlnet_message, refuse_refiner, refused, wants_clora
 from ..a1111.settings import row_cap, settings_defaults
 from . import host, lora_bridge
+
+
+FAMILY_NAMES = {"SD1": "SD1.x", "SDXL": "SDXL"}  # host.model_family's names, as messages say them
 
 
 def begin(p: Any, args: Sequence[Any]) -> None:
@@ -65,6 +74,7 @@ def begin(p: Any, args: Sequence[Any]) -> None:
     try:
         if not (webui.is_txt2img(p) or webui.is_img2img(p)):
             raise CLoRARuntimeError(f"CLoRA: {type(p).__name__} is neither txt2img nor img2img; CLoRA runs in those two")
+        refuse_refiner(p)
         units = webui.controlnet_units_enabled(p)  # the host's built-in ControlNet: its script's args, as on A1111
         if units:
             raise CLoRARuntimeError(controlnet_message(f"ControlNet unit {units[0]} is enabled"))
@@ -155,9 +165,12 @@ class Pass:
             self.plan = plan_variants(composition, facts.prompts, facts.negatives)
         except ValueError as e:
             raise CLoRARuntimeError(f"CLoRA: {e}") from None
-        if host.model_family(p) != "SD1":
-            raise CLoRARuntimeError(f"CLoRA on {host.host_name()} runs SD1.x checkpoints only so far; this checkpoint is "
-                                    f"{host.model_family(p)}. Load an SD1.x checkpoint or turn CLoRA off")
+        family, supported = host.model_family(p), host.supported_families()
+        if family not in supported:
+            names = " or ".join(FAMILY_NAMES[f] for f in supported)
+            raise CLoRARuntimeError(f"CLoRA on {host.host_name()} runs {names.replace(' or ', ' and ')} checkpoints (not "
+                                    f"inpainting or refiner ones); this checkpoint is {family}. Load an {names} "
+                                    "checkpoint or turn CLoRA off")
         self.loras = {c.lora: lora_bridge.load(c.lora, p) for c in args.concepts}
         self.conds = _encode(p, self.plan, self.loras, facts)
         self.cond_ends = [[end for end, _ in conds] for conds in self.conds]
@@ -232,9 +245,10 @@ class Pass:
             generation.previews.record(iteration, group, out, maps[group[0]], self.plan)
 
         def inner(x_rows: torch.Tensor, sigma_rows: torch.Tensor, cond: dict) -> torch.Tensor:
-            return host.apply_model(model, model_options, x_rows, sigma_rows, cond["c_crossattn"][0])
+            context, vector = condition_parts(cond)  # SDXL: each row's own vector, as the host's ``y``
+            return host.apply_model(model, model_options, x_rows, sigma_rows, context, vector)
 
-        image_cond = x.new_zeros((x.shape[0], 1, 1, 1))  # SD1.x txt2img: no concat conditioning
+        image_cond = x.new_zeros((x.shape[0], 1, 1, 1))  # no concat conditioning: inpainting checkpoints are refused
         # inpainting: the update acts inside the inpaint mask only (the host's blend keeps the rest), and
         # the host hands the modifier a blended copy of the sampler's x, so the update is carried over to it
         region = host.inpaint_region(self.generation.p)

@@ -112,7 +112,8 @@ def fake_host(fake_model, lora_dir, monkeypatch):
 
 @pytest.fixture
 def fake_sdxl_host(fake_sdxl_model, sdxl_lora_dir, monkeypatch):
-    """A started fake host (Neo or Forge 2.x) with the SDXL checkpoint loaded and the SDXL LoRA folder listed."""
+    """A started fake host of the ``flavour`` with the SDXL checkpoint loaded and the SDXL LoRA folder listed
+    (CLoRA runs SDXL on Neo and Forge 2.x; reForge and Classic refuse it)."""
     yield from _started_host(fake_sdxl_model, sdxl_lora_dir, monkeypatch)
 
 

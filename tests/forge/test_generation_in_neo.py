@@ -326,17 +326,6 @@ def test_a_controlnet_attached_to_the_patcher_is_refused(fake_host, fake_model, 
     assert fake_model.kmodel.calls == []
 
 
-def test_sdxl_is_refused_with_a_message(fake_host, fake_model, monkeypatch):
-    monkeypatch.setattr(type(fake_model), "is_sd1", False)
-    monkeypatch.setattr(type(fake_model), "is_sdxl", True)
-    with pytest.raises(RequestRefused) as refused:
-        generate(txt2img(script_args=(clora(*PAIR),)))
-    assert refused.value.status_code == 422
-    name = {"neo": "Forge Neo", "forge2": "Forge 2.x", "reforge": "reForge", "classic": "Forge Classic"}[fake_model.flavour]
-    assert refused.value.detail == (f"CLoRA on {name} runs SD1.x checkpoints only so far; this checkpoint is SDXL. "
-                                    "Load an SD1.x checkpoint or turn CLoRA off")
-
-
 def test_the_lora_readers_give_the_same_deltas(fake_host, fake_model, monkeypatch):
     """Neo's reader (adapter objects), Forge 2.x's (tuples: ("lora", (up, down, alpha, mid, dora)),
     ("loha", ...)), reForge's (``ldm_patched``: adapter objects, only the matched patches) and

@@ -31,8 +31,10 @@ def _conds(cond: torch.Tensor | dict) -> list[dict]:
     return [{"model_conds": {"c_crossattn": cond}}]
 
 
-def _weighted_conds(tensor: torch.Tensor, conds_list: list) -> list[dict]:
-    return [{"model_conds": {"c_crossattn": tensor[[i for i, _ in position]]}, "strength": position[0][1]}
+def _weighted_conds(cond: torch.Tensor | dict, conds_list: list) -> list[dict]:
+    (whole,) = _conds(cond)
+    return [{"model_conds": {key: rows[[i for i, _ in position]] for key, rows in whole["model_conds"].items()},
+             "strength": position[0][1]}
             for position in zip(*conds_list)]
 
 
