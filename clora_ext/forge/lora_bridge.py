@@ -61,10 +61,26 @@ def _load(name: str, path: str, mtime: float, p: Any) -> ForgeLoRA:
             continue
         module = key[len(PREFIX):-len(SUFFIX)]
         weight = host.model_parameter(p, key)
-        lora.unet[module] = _delta(host.read_adapter(key, adapter, p), weight)
+        read = host.read_adapter(key, adapter, p)
+        _check_fits(name, module, read, weight, p)
+        lora.unet[module] = _delta(read, weight)
     if unmatched:
         print(f"CLoRA: LoRA {name!r}: {unmatched} key(s) match no layer of the loaded model and are left out")
     return lora
+
+
+def _check_fits(name: str, module: str, adapter: host.Adapter, weight: torch.Tensor, p: Any) -> None:
+    """Refuse a LoRA made for another model family. The host matches keys by name only (an SD1.x
+    file's ``down_blocks_1`` keys exist in SDXL too, with other widths) and its merge skips what does
+    not fit; a routed layer that does not fit would fail mid-sampling instead."""
+    if adapter.kind != "lora" or adapter.up is None or adapter.down is None or weight.dim() < 2:
+        return
+    factors = (adapter.up.shape[0], adapter.down.shape[1])
+    if factors != tuple(weight.shape[:2]):
+        raise CLoRARuntimeError(
+            f"CLoRA: LoRA {name!r} does not fit the loaded {host.model_family(p)} model (layer {module}: out x in is "
+            f"{weight.shape[0]}x{weight.shape[1]} in the model, {factors[0]}x{factors[1]} in the LoRA); "
+            "it is made for another model family")
 
 
 def _delta(adapter: host.Adapter, weight: torch.Tensor) -> Delta:

@@ -144,6 +144,13 @@ def _refused(p) -> str:
     return refused.value.detail
 
 
+def test_an_sd1_lora_on_sdxl_is_refused(sdxl_host, fake_sdxl_model):
+    detail = _refused(txt2img(script_args=(clora(("cat", "cat_lora"), ("dog", "dog_xl")),)))
+    assert detail.startswith("CLoRA: LoRA 'cat_lora' does not fit the loaded SDXL model (layer ")
+    assert detail.endswith("; it is made for another model family")
+    assert fake_sdxl_model.kmodel.calls == []
+
+
 def test_the_refiner_switch_is_refused(fake_sdxl_host, fake_sdxl_model):
     detail = _refused(txt2img(script_args=(clora(*PAIR),), refiner_checkpoint="refiner.safetensors"))
     assert detail == "CLoRA: the refiner switch is not supported; turn the refiner off to use CLoRA"
