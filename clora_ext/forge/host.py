@@ -356,27 +356,30 @@ def prompt_chunker(p: Any) -> Any:
     return model.text_processing_engine_l if getattr(model, "is_sdxl", False) else model.text_processing_engine
 
 
-def supported_families() -> tuple[str, ...]:
-    """The ``model_family`` names CLoRA runs on this host: SD1.x and SDXL on Neo and Forge 2.x, SD1.x
-    on reForge and Classic (their SDXL model is A1111's, not checked yet)."""
-    return ("SD1",) if _ldm_patched() else ("SD1", "SDXL")
+SUPPORTED_FAMILIES = ("SD1", "SDXL")  # the ``model_family`` names CLoRA runs, on every host of the glue
 
 
 def model_family(p: Any) -> str:
-    """"SD1" or "SDXL", else what the checkpoint is: "SDXL refiner" (Neo and Forge 2.x mark it
-    ``is_sdxl`` too, but it has only the clip_g engine), "SD2", the engine's class name (Flux, ...);
-    " inpainting" appended for an inpainting checkpoint (extra UNet input channels)."""
+    """"SD1" or "SDXL", else what the checkpoint is: "SDXL refiner" (the hosts mark it ``is_sdxl`` too;
+    it has clip_g only: Neo and Forge 2.x give it no clip_l engine, reForge and Classic make its one
+    text embedder the ``cond_stage_model`` instead of the conditioner), "SD2", the engine's class name
+    (Flux, ...); " inpainting" appended for an inpainting checkpoint (the UNet takes more than the 4
+    latent channels: the masked image and the mask)."""
     model = p.sd_model
     if getattr(model, "is_sd1", False):
         family = "SD1"
     elif getattr(model, "is_sdxl", False):
-        refiner = not _ldm_patched() and not hasattr(model, "text_processing_engine_l")
+        if _ldm_patched():
+            refiner = getattr(model, "cond_stage_model", None) is not getattr(model, "conditioner", None)
+        else:
+            refiner = not hasattr(model, "text_processing_engine_l")
         family = "SDXL refiner" if refiner else "SDXL"
     elif getattr(model, "is_sd2", False):
         family = "SD2"
     else:
         family = type(model).__name__
-    return f"{family} inpainting" if getattr(model, "is_inpaint", False) else family
+    inpainting = getattr(diffusion_model(unet_patcher(p)), "in_channels", 4) != 4
+    return f"{family} inpainting" if inpainting else family
 
 
 # -- interrupt -----------------------------------------------------------------------------------

@@ -20,11 +20,11 @@ through the host's own extension points (host-facing; the hosts' differences are
   Hooks on the diffusion model's modules (map capture, per-row routing, interrupt checks)
   are taken off when the pass closes (next pass, sampling error, or the host closing ``p``).
 
-SD1.x checkpoints run, and SDXL ones on Neo and Forge 2.x. SDXL's conds are the host's dicts (``crossattn``, and ``vector``:
+SD1.x and SDXL checkpoints run. SDXL's conds are the host's dicts (``crossattn``, and ``vector``:
 the pooled clip_g embedding with the size embeddings); each variant row goes to ``KModel.apply_model``
 with its own context and its own vector as ``y``, as the host's conds pass it. Other checkpoints
-(``host.supported_families``: SD2, Flux, ..., the SDXL refiner, inpainting checkpoints; SDXL on
-reForge and Classic) and the refiner switch are refused.
+(not in ``host.SUPPORTED_FAMILIES``: SD2, Flux, ..., the SDXL refiner, inpainting checkpoints) and
+the refiner switch are refused.
 """
 
 from __future__ import annotations
@@ -166,9 +166,9 @@ class Pass:
             self.plan = plan_variants(composition, facts.prompts, facts.negatives)
         except ValueError as e:
             raise CLoRARuntimeError(f"CLoRA: {e}") from None
-        family, supported = host.model_family(p), host.supported_families()
-        if family not in supported:
-            names = [FAMILY_NAMES[f] for f in supported]
+        family = host.model_family(p)
+        if family not in host.SUPPORTED_FAMILIES:
+            names = [FAMILY_NAMES[f] for f in host.SUPPORTED_FAMILIES]
             raise CLoRARuntimeError(f"CLoRA on {host.host_name()} runs {' and '.join(names)} checkpoints (not inpainting "
                                     f"or refiner ones); this checkpoint is {family}. Load an {' or '.join(names)} "
                                     "checkpoint or turn CLoRA off")

@@ -1,8 +1,8 @@
-"""The Forge glue on an SDXL checkpoint (fake host, as Forge Neo and as Forge 2.x): off is the host
-unchanged; on, every variant row reaches the UNet with its own context, its own SDXL vector (``y``:
-pooled clip_g output and the size embeddings) and its own LoRA; the families, checkpoints and
-switches CLoRA does not run are refused with a message. As reForge and Forge Classic (whose SDXL
-model is A1111's, not served yet) an SDXL checkpoint is refused."""
+"""The Forge glue on an SDXL checkpoint (fake host, as each of the four hosts: Neo's and Forge 2.x's
+SDXL model, and A1111's as reForge and Classic keep it): off is the host unchanged; on, every
+variant row reaches the UNet with its own context, its own SDXL vector (``y``: pooled clip_g output
+and the size embeddings) and its own LoRA; the families, checkpoints and switches CLoRA does not run
+are refused with a message."""
 
 from __future__ import annotations
 
@@ -30,11 +30,7 @@ def txt2img(**kw) -> processing.StableDiffusionProcessingTxt2Img:
 
 
 @pytest.fixture
-def sdxl_host(fake_sdxl_host, fake_sdxl_model):
-    """The SDXL host where CLoRA runs SDXL: Neo and Forge 2.x (``test_sdxl_is_refused_on_ldm_patched_hosts``
-    covers the others)."""
-    if fake_sdxl_model.ldm_patched:
-        pytest.skip("reForge and Forge Classic refuse SDXL")
+def sdxl_host(fake_sdxl_host):
     return fake_sdxl_host
 
 
@@ -160,26 +156,21 @@ def test_the_refiner_switch_is_refused(fake_sdxl_host, fake_sdxl_model):
 @pytest.mark.parametrize("marks, family", [
     ({"is_sdxl": False, "is_sd2": True}, "SD2"),
     ({"is_sdxl": False}, "FakeNeoSDXLModel"),  # what the host's engine class is called: Flux, Chroma, ...
-    ({"is_inpaint": True}, "SDXL inpainting"),
-    ({"text_processing_engine_l": None}, "SDXL refiner"),  # only clip_g's engine
+    ({"in_channels": 9}, "SDXL inpainting"),  # the UNet takes the masked image and the mask too
+    ({"refiner": True}, "SDXL refiner"),  # only clip_g's engine
 ])
 def test_other_checkpoints_are_refused_naming_what_runs(sdxl_host, fake_sdxl_model, monkeypatch, marks, family):
     for name, value in marks.items():
-        if value is None:
-            monkeypatch.delattr(fake_sdxl_model, name)
+        if name == "in_channels":
+            monkeypatch.setattr(fake_sdxl_model.diffusion_model, name, value)
+        elif name == "refiner" and fake_sdxl_model.ldm_patched:  # its one text embedder is the cond_stage_model
+            monkeypatch.setattr(fake_sdxl_model, "cond_stage_model", fake_sdxl_model.conditioner.embedders[1])
+        elif name == "refiner":  # Neo and Forge 2.x: no clip_l engine
+            monkeypatch.delattr(fake_sdxl_model, "text_processing_engine_l")
         else:
             monkeypatch.setattr(fake_sdxl_model, name, value, raising=False)
     detail = _refused(txt2img(script_args=(clora(*PAIR),)))
     host = HOST_NAMES[fake_sdxl_model.flavour]
     assert detail == (f"CLoRA on {host} runs SD1.x and SDXL checkpoints (not inpainting or refiner ones); this "
                       f"checkpoint is {family}. Load an SD1.x or SDXL checkpoint or turn CLoRA off")
-    assert fake_sdxl_model.kmodel.calls == []
-
-
-def test_sdxl_is_refused_on_ldm_patched_hosts(fake_sdxl_host, fake_sdxl_model):
-    if not fake_sdxl_model.ldm_patched:
-        pytest.skip("Neo and Forge 2.x run SDXL")
-    detail = _refused(txt2img(script_args=(clora(*PAIR),)))
-    assert detail == (f"CLoRA on {HOST_NAMES[fake_sdxl_model.flavour]} runs SD1.x checkpoints (not inpainting or "
-                      "refiner ones); this checkpoint is SDXL. Load an SD1.x checkpoint or turn CLoRA off")
     assert fake_sdxl_model.kmodel.calls == []

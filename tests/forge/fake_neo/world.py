@@ -96,10 +96,17 @@ class TextProcessingEngine:
         return self.encode_lines([line])[0][0]
 
 
+class Conditioner:
+    """A1111's SDXL conditioner as reForge and Classic keep it: its text embedders (clip_l's first)."""
+
+    def __init__(self, embedders: list):
+        self.embedders = embedders
+
+
 class FakeNeoModel:
     """``p.sd_model`` of an SD1.5 checkpoint in Neo."""
 
-    is_sd1, is_sdxl, is_inpaint = True, False, False
+    is_sd1, is_sdxl = True, False
 
     def __init__(self, unet_seed: int = 0, te_seed: int = 0, flavour: str = "neo"):
         self.flavour = flavour
@@ -151,7 +158,8 @@ class FakeNeoSDXLModel(FakeNeoModel):
     """``p.sd_model`` of an SDXL checkpoint in Neo: the tiny SDXL-layout UNet with SDXL's vector input
     ``y``, two CLIP encoders (clip_l and clip_g, 24 wide each: the context is the two side by side, 48
     wide, so an SD1.5 LoRA's cross-attention layers do not fit, as in the real models), a text engine for
-    each (``text_processing_engine_l``, ``_g``), and SDXL's conds: one dict per call, ``crossattn``
+    each (Neo: ``text_processing_engine_l``, ``_g``; reForge and Classic keep A1111's SDXL model: the two
+    as ``conditioner.embedders``, the conditioner as ``cond_stage_model``), and SDXL's conds: one dict per call, ``crossattn``
     (B, T, 48) and ``vector`` (B, 72): clip_g's pooled output and the size embeddings of the prompt
     list's height, width, crop top/left (0) and target height/width."""
 
@@ -166,16 +174,28 @@ class FakeNeoSDXLModel(FakeNeoModel):
                          for i, name in enumerate(("clip_l", "clip_g"))}
         self._load(build_tiny_unet("sdxl", seed=unet_seed, context_dim=2 * self.WIDTH, adm_in_channels=self.ADM),
                    text_encoders)
-        self.text_processing_engine_l = TextProcessingEngine(self, "clip_l")
-        self.text_processing_engine_g = TextProcessingEngine(self, "clip_g")
+        engines = [TextProcessingEngine(self, "clip_l"), TextProcessingEngine(self, "clip_g")]
+        if self.ldm_patched:
+            self.conditioner = Conditioner(engines)
+            self.cond_stage_model = self.conditioner
+        else:
+            self.text_processing_engine_l, self.text_processing_engine_g = engines
+
+    def _engines(self) -> tuple:
+        """(clip_l's engine or None on a refiner, clip_g's): made a refiner (clip_g only) by a test."""
+        if self.ldm_patched:
+            if self.cond_stage_model is not self.conditioner:  # a refiner's one text embedder
+                return None, self.cond_stage_model
+            return tuple(self.conditioner.embedders[:2])
+        return getattr(self, "text_processing_engine_l", None), self.text_processing_engine_g
 
     def size_embedding(self, width: int, height: int) -> torch.Tensor:
         sizes = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
         return timestep_embedding(sizes, self.SIZE_WIDTH).flatten()
 
     def get_learned_conditioning(self, prompts: list[str]) -> dict:
-        cond_g, pooled = self.text_processing_engine_g.encode_lines(list(prompts))
-        engine_l = getattr(self, "text_processing_engine_l", None)  # made a refiner (clip_g only) by a test
+        engine_l, engine_g = self._engines()
+        cond_g, pooled = engine_g.encode_lines(list(prompts))
         crossattn = cond_g if engine_l is None else torch.cat([engine_l.encode_lines(list(prompts))[0], cond_g], dim=2)
         sizes = self.size_embedding(getattr(prompts, "width", None) or 1024, getattr(prompts, "height", None) or 1024)
         return {"crossattn": crossattn, "vector": torch.cat([pooled, sizes.expand(len(prompts), -1)], dim=1)}
