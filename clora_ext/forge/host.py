@@ -106,10 +106,6 @@ def install_patcher(p: Any, wrapper: Callable, modifier: Callable) -> Any:
     return patcher
 
 
-def kmodel(patcher: Any) -> Any:
-    return patcher.model
-
-
 def diffusion_model(patcher: Any) -> torch.nn.Module:
     return patcher.model.diffusion_model
 
@@ -130,7 +126,7 @@ def step_and_total(p: Any, model_options: dict, sigma: torch.Tensor) -> tuple[in
     """The model step this call is (0-based) and the model calls the sampler makes in this pass, as
     the CFG denoiser counts them (in img2img: the steps that run at the denoising strength). Without
     a denoiser: the position of ``sigma`` in the sampling's sigma schedule."""
-    denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
+    denoiser = _denoiser(p)
     if denoiser is not None and getattr(denoiser, "total_steps", None):
         return int(denoiser.step), int(denoiser.total_steps)
     sigmas = model_options.get("transformer_options", {}).get("sampling_sigmas")
