@@ -10,6 +10,9 @@ benchmark's fast attention:
 * ``grad``: the engine's gradient pass over the K+1 cond rows (forward stopped after
   the last H/32 layer, backward to the latent): one (d) update iteration;
 * ``grad_nostop``: the same without the early stop (what the stop saves);
+* ``grad_functional``: the gradient pass as the Forge hosts run it (``functional_gradient``:
+  ``torch.func.vjp`` of the functionalised forward, inside inference mode, no autograd graph
+  on the weights), against ``grad`` (autograd, A1111);
 * ``fused_grad``: an alternative: the fused pass itself run with autograd, cond-row maps
   captured with a graph, and the gradient taken from it (the reference's stale
   prediction, which would make a separate gradient pass unnecessary at update steps
@@ -19,7 +22,9 @@ benchmark's fast attention:
 * ``reference_round``: one refinement iteration of configuration (b): K+1 sequential
   batch-2 calls with explicit attention everywhere and autograd, then the backward;
   ``reference_forward``: the same without the backward (b's non-update step);
-* per-block forward time of a gradient pass (which blocks the truncated forward runs).
+* per-block forward time of a gradient pass (which blocks the truncated forward runs);
+* ``peak_above_start_mib``: the peak memory of one call of ``fused``, ``grad`` and
+  ``grad_functional`` above the level before it (``bench.memory``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from clora_ext.loss import contrastive_loss
 from clora_ext.routing import Route, RowRouter
 
 from .attention import MapRecorder, explicit_attention, fast_attention
+from .memory import PeakMemory
 from .reference import reference_forward
 from .run import NEGATIVE, BenchOptions, build_setup, prompt_for
 
@@ -117,6 +123,14 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
         def grad():
             engine.loss_and_gradient(x, timed_model)
 
+        def grad_functional():
+            engine.functional_gradient = True
+            try:
+                with torch.inference_mode():
+                    engine.loss_and_gradient(x, row_model)
+            finally:
+                engine.functional_gradient = False
+
         cond_rows = RowLayout.build(1, V, with_uncond=False)
         all_rows = RowLayout.build(1, V, with_uncond=True)
 
@@ -159,6 +173,7 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
                     "plain_all_rows_no_routing": plain_all_rows_no_routing,
                     "fused": fused,
                     "grad": grad,
+                    "grad_functional": grad_functional,
                     "grad_nostop": lambda: custom_gradient(cond_rows, False),
                     "fused_grad": lambda: custom_gradient(all_rows, False),
                     "routing_setup": routing_setup,
@@ -166,6 +181,13 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
                 repeat,
             )
         )
+        peaks = {}
+        for name, fn in {"fused": fused, "grad": lambda: engine.loss_and_gradient(x, row_model),
+                         "grad_functional": grad_functional}.items():
+            with PeakMemory("cpu") as meter:
+                fn()
+            peaks[name] = round(meter.reading.delta_bytes / 2**20, 1)
+        out["peak_above_start_mib"] = peaks
         out["grad_forward_min"] = min(split["forward"])
         out["grad_backward_min"] = min(split["backward"])
 

@@ -84,8 +84,10 @@ class VariantConds:
         self.cond, self.uncond = list(cond), list(uncond)
         self.table = ConditioningTable(self.cond + self.uncond)
 
-    def _index(self, layout: RowLayout) -> torch.Tensor:
-        return layout.uncond.long().cpu() * len(self.cond) + layout.variant.cpu()
+    def _index(self, layout: RowLayout) -> list[int]:
+        # read as Python values, without tensor arithmetic: inside a torch.func transform (the
+        # functional gradient pass) a tensor computed there cannot be read back
+        return [int(u) * len(self.cond) + v for u, v in zip(layout.uncond.tolist(), layout.variant.tolist())]
 
     def row_groups(self, layout: RowLayout) -> list[torch.Tensor]:
         return [g.to(layout.image.device) for g in self.table.row_groups(self._index(layout))]
