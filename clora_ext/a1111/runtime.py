@@ -205,8 +205,9 @@ class Generations:
 generations = Generations(lambda p, args, error: Generation(p, args, error))
 
 
-class Generation:
-    """One CLoRA generation (all batches, both passes): its notes, previews and current pass."""
+class GenerationState:
+    """One CLoRA generation (all batches, both passes), for both glues: its arguments (or the error
+    that refuses it), notes, previews and current pass (the glue's own, with ``close()``)."""
 
     def __init__(self, p: Any, args: CLoRAArgs | None, error: Exception | None):
         self.p = p
@@ -214,7 +215,7 @@ class Generation:
         self.error = error
         self.notes: list[str] = []
         self.previews = PreviewStore()
-        self._pass: Pass | None = None
+        self._pass: Any = None
 
     def note(self, message: str) -> None:
         """Said once in the console and recorded in the infotext entry."""
@@ -225,6 +226,18 @@ class Generation:
         print(f"CLoRA: {message}")
         host.set_generation_param(self.p, infotext.KEY, infotext.dump(self.args, self.notes))
 
+    def close_pass(self) -> None:
+        if self._pass is not None:
+            self._pass.close()
+            self._pass = None
+
+    def close(self) -> None:
+        self.close_pass()
+
+
+class Generation(GenerationState):
+    """The A1111 generation: its passes run inside the host's CFG denoiser (``forward``)."""
+
     def forward(self, original, denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         if self.error is not None:
             raise refused(self.error)
@@ -234,26 +247,21 @@ class Generation:
             if host.controlnet_marked(cond):  # hooked by ControlNet without an enabled unit in its args
                 raise CLoRARuntimeError(controlnet_message("ControlNet is active for this generation"))
             if self._pass is None or not self._pass.serves(denoiser):
-                self._close_pass()
+                self.close_pass()
                 self._pass = Pass(self, denoiser, cond)
             fused = self._pass.step(denoiser, x, sigma, image_cond)
             proxy = FusedProxy(host.inner_model(denoiser), fused, self._pass.rows)
             with host.inner_model_replaced(denoiser, proxy):
                 return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
         except (CLoRARuntimeError, CLoRAArgsError) as e:
-            self._close_pass()
+            self.close_pass()
             raise refused(e) from None
         except BaseException:  # sampling ends here: take the hooks off the model now
-            self._close_pass()
+            self.close_pass()
             raise
 
-    def _close_pass(self) -> None:
-        if self._pass is not None:
-            self._pass.close()
-            self._pass = None
-
     def close(self) -> None:
-        self._close_pass()
+        super().close()
         host.forget_cached_conds(self.p)
 
 

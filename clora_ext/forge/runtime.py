@@ -38,7 +38,7 @@ from ..engine import CLoRAEngine, EngineHooks, LoRAUse, update_summary
 from ..update import schedule_notes
 from ..a1111 import host as webui
 from ..a1111 import infotext, samplers
-from ..a1111.params import CLoRAArgs, CLoRAArgsError, parse_args
+from ..a1111.params import CLoRAArgsError, parse_args
 from ..a1111.plan import (
     ChunkedTokenizer,
     CLoRARuntimeError,
@@ -50,8 +50,7 @@ from ..a1111.plan import (
     plan_variants,
     token_map_schedule,
 )
-from ..a1111.previews import PreviewStore
-from ..a1111.runtime import Generations, controlnet_message, refuse_refiner, refused, wants_clora
+from ..a1111.runtime import Generations, GenerationState, controlnet_message, refuse_refiner, refused, wants_clora
 from ..a1111.settings import row_cap, settings_defaults
 from . import host, lora_bridge
 
@@ -106,22 +105,8 @@ def previews_of(p: Any) -> list:
 generations = Generations(lambda p, args, error: Generation(p, args, error))
 
 
-class Generation:
-    def __init__(self, p: Any, args: CLoRAArgs | None, error: Exception | None):
-        self.p = p
-        self.args = args
-        self.error = error
-        self.notes: list[str] = []
-        self.previews = PreviewStore()
-        self._pass: Pass | None = None
-
-    def note(self, message: str) -> None:
-        message = message.removeprefix("CLoRA: ")
-        if message in self.notes:
-            return
-        self.notes.append(message)
-        print(f"CLoRA: {message}")
-        webui.set_generation_param(self.p, infotext.KEY, infotext.dump(self.args, self.notes))
+class Generation(GenerationState):
+    """The Forge generation: each sampling gets a pass through the host's patcher (``start_pass``)."""
 
     def start_pass(self) -> None:
         self.close_pass()
@@ -139,21 +124,13 @@ class Generation:
     def _refuse(self, *args: Any) -> tuple:
         raise refused(self.error)
 
-    def close_pass(self) -> None:
-        if self._pass is not None:
-            self._pass.close()
-            self._pass = None
-
-    def close(self) -> None:
-        self.close_pass()
-
 
 def _passthrough(apply_model: Any, args: dict) -> torch.Tensor:
     return apply_model(args["input"], args["timestep"], **args["c"])
 
 
 class Pass:
-    """One sampling (one batch, first pass or hires) on a ``backend``-family host."""
+    """One sampling (one batch, first pass or hires) on a Forge host."""
 
     def __init__(self, generation: Generation):
         p = generation.p
