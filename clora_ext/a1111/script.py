@@ -1,35 +1,16 @@
-"""The AlwaysOn script the host loads: its UI, and the hand-over to ``runtime`` (host-facing)."""
+"""The AlwaysOn script A1111 loads: the shared script class over the A1111 ``runtime``, whose denoiser
+wrapper is installed at import (host-facing)."""
 
 from __future__ import annotations
 
-from typing import Any
+from modules import script_callbacks
 
-from modules import script_callbacks, scripts  # the script API itself: what every extension subclasses
-
-from . import infotext, runtime, ui
+from . import runtime, ui
+from .script_base import CLoRAScriptBase
 
 runtime.install()
 script_callbacks.on_ui_settings(ui.register_settings)
 
 
-class CLoRAScript(scripts.Script):
-    def title(self) -> str:
-        return "CLoRA"
-
-    def show(self, is_img2img: bool) -> Any:
-        return scripts.AlwaysVisible
-
-    def ui(self, is_img2img: bool) -> list:
-        inputs = ui.build(is_img2img)
-        self.infotext_fields = [(component, infotext.paste_field(i)) for i, component in enumerate(inputs)]
-        self.paste_field_names = [infotext.KEY]
-        return inputs
-
-    def process(self, p: Any, *args: Any) -> None:
-        runtime.begin(p, args)
-
-    def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
-        previews = runtime.previews_of(p)
-        processed.images.extend(previews)
-        processed.infotexts.extend([""] * len(previews))
-
+class CLoRAScript(CLoRAScriptBase):
+    runtime = runtime
