@@ -459,15 +459,16 @@ class CLoRAEngine:
         layout = RowLayout.build(images, self.n_variants, with_uncond=False, device=x.device)
 
         request = self._request(layout, x, grad=True)
-        # the calls' row bookkeeping is planned here, outside the pass: inside a torch.func
-        # transform, tensors made there cannot be read back as Python values
-        calls = self._calls(model, layout, request)
+        built = self._deltas_built() if self.functional_gradient else contextlib.nullcontext()
+        with gradient_ready(self.unet), built:
+            # the calls' row bookkeeping is planned here, outside the pass: inside a torch.func
+            # transform, tensors made there cannot be read back as Python values
+            calls = self._calls(model, layout, request)
 
-        def losses_at(z: torch.Tensor) -> torch.Tensor:
-            _, maps = self._run(model, z.index_select(0, layout.image), layout, request, calls)
-            return self._image_losses(maps.reshape(images, len(self._token_maps), *request.map_hw))
+            def losses_at(z: torch.Tensor) -> torch.Tensor:
+                _, maps = self._run(model, z.index_select(0, layout.image), layout, request, calls)
+                return self._image_losses(maps.reshape(images, len(self._token_maps), *request.map_hw))
 
-        with gradient_ready(self.unet):
             if self.functional_gradient:
                 losses, vjp = torch.func.vjp(torch.func.functionalize(losses_at), x.clone())
                 yield losses.detach(), lambda weights, retain: vjp(weights.to(losses.dtype))[0]
@@ -481,6 +482,20 @@ class CLoRAEngine:
                     return grad
 
                 yield losses.detach(), backward
+
+    @contextlib.contextmanager
+    def _deltas_built(self) -> Iterator[None]:
+        """The variants' lazy deltas built before the block and dropped after it: the forward of a
+        functional gradient pass runs inside a torch.func transform, where a host's own merge may
+        fail (the Forge hosts' adapters add in place: the host logs the error and the layer would
+        get no delta)."""
+        saved = self.variant_loras
+        self.variant_loras = [[dataclasses.replace(use, deltas=self.router.built(use.deltas)) for use in uses]
+                              for uses in saved]
+        try:
+            yield
+        finally:
+            self.variant_loras = saved
 
     def loss_and_gradient(self, x: torch.Tensor, model: RowModel) -> tuple[float, torch.Tensor]:
         """The contrastive loss at latent ``x``, summed over its images, and its gradient (one gradient pass)."""

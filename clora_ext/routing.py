@@ -250,6 +250,18 @@ class RowRouter:
     def installed(self) -> bool:
         return bool(self._handles)
 
+    def built(self, deltas: Mapping[str, Delta]) -> dict[str, Delta]:
+        """``deltas`` with every LazyDelta built now, on its module's device and in its dtype (the
+        others as they are): for a pass in which a host's merge must not run, such as a torch.func
+        transform (a host's in-place merge fails inside ``functionalize``)."""
+        out: dict[str, Delta] = {}
+        for name, delta in deltas.items():
+            module = self._modules.get(name)
+            if isinstance(delta, LazyDelta) and module is not None and routable(module):
+                delta = delta.to(module.weight.device, module.weight.dtype)
+            out[name] = delta
+        return out
+
     def set_routes(self, routes: Sequence[Route], batch_rows: int) -> None:
         """Replace the routing table; hooks are (re)installed on exactly the modules used."""
         self.remove()

@@ -11,6 +11,7 @@ pytest.importorskip("ldm")
 
 from bench import format_table, quick_options, run_benchmark  # noqa: E402
 from bench.attention import attention_modules  # noqa: E402
+from tolerance import close
 
 
 def _positive(value) -> bool:
@@ -80,5 +81,5 @@ def test_attention_swaps_are_per_instance_and_restored(tiny_unet):
             assert all("forward" in m.__dict__ for m in modules.values())  # the outer swap is back
     assert all("forward" not in m.__dict__ for m in modules.values())
     assert {type(m): type(m).forward for m in modules.values()} == cls_forward
-    torch.testing.assert_close(fast, base, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(eager, base, rtol=1e-4, atol=1e-5)
+    close(fast, base, 1e-4)
+    close(eager, base, 1e-4)

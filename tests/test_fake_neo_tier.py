@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_fake_neo_tier_passes():
+    # the limit only stops a hung tier: about 5 minutes on 2 idle cores, several times that on a loaded machine
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/forge"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert run.returncode == 0, f"tests/forge failed:\n{run.stdout[-12000:]}\n{run.stderr[-4000:]}"

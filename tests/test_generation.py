@@ -11,6 +11,7 @@ from clora_ext.devtools.pipeline import ConceptLoRA, TinySD, generate
 from clora_ext.engine import EngineHooks, EngineSettings
 from clora_ext.lora_file import map_lora, read_lora_file
 from clora_ext.update import Schedule
+from tolerance import close
 
 SETTINGS = EngineSettings(schedule=Schedule(refine_iterations=3))
 
@@ -97,7 +98,7 @@ def test_refinement_decisions_are_made_per_image(tiny, concepts, sampler):
     kwargs = dict(seed=4, steps=4, sampler=sampler, latent_hw=(16, 16), concepts=concepts, settings=settings)
     batch, engine = generate(tiny, "a cat and a dog", batch_size=3, **kwargs)
     alone, alone_engine = generate(tiny, "a cat and a dog", batch_size=1, **kwargs)
-    assert torch.allclose(batch[:1], alone, rtol=1e-4, atol=1e-3), float((batch[:1] - alone).abs().max())
+    close(batch[:1], alone, 1e-4)
     first = engine.records[0]
     assert len({len(v) for v in first.image_losses.values()}) > 1  # the images stopped at different passes
     assert first.image_losses[0] == pytest.approx(alone_engine.records[0].image_losses[0], rel=1e-4)
@@ -113,4 +114,4 @@ def test_a_long_negative_prompt_leaves_the_variants_at_their_own_length(tiny, co
     kwargs = dict(seed=4, steps=3, latent_hw=(16, 16))
     plain, _ = generate(tiny, "a cat and a dog", negative, **kwargs)
     fused, _ = generate(tiny, "a cat and a dog", negative, concepts=silent, allow_update=False, **kwargs)
-    assert torch.allclose(plain, fused, rtol=1e-4, atol=1e-3)  # latents reach ~100: float noise of batching
+    close(plain, fused, 1e-4)  # latents reach ~100: float noise of batching

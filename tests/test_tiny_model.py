@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
 
 from clora_ext.devtools import tiny_sd
 from clora_ext.devtools.tiny_sd import BOS, EOS
+from tolerance import close
 
 SD15_ATTN2 = {
     *(f"input_blocks.{i}.1.transformer_blocks.0.attn2" for i in (1, 2, 4, 5, 7, 8)),
@@ -45,12 +45,11 @@ def _inputs(seed: int = 1, hw: int = 16, ctx_dim: int = 32):
 
 
 @pytest.mark.parametrize("layout", ["sd15", "sdxl"])
-def test_unet_builds_fast(layout):
-    tiny_sd.build_tiny_unet(layout, seed=5)  # warm the lazy ldm import
-    start = time.perf_counter()
+def test_unet_is_tiny(layout):
+    """Small enough to build and run in a CI test: about 8.5M parameters (SD1.5's UNet has 860M).
+    The size is asserted, not the build time: a wall-clock bound fails on a loaded machine."""
     unet = tiny_sd.build_tiny_unet(layout, seed=6)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"{layout} tiny UNet took {elapsed:.2f}s to build"
+    assert sum(p.numel() for p in unet.parameters()) < 10_000_000
     assert not unet.training
     assert all(p.dtype == torch.float32 for p in unet.parameters())
 
@@ -127,7 +126,7 @@ def test_unet_batch_and_no_zero_params(tiny_unet):
     with torch.no_grad():
         both = tiny_unet(torch.cat([x, x2]), torch.tensor([500, 500]), context=torch.cat([ctx, ctx2]))
         one = tiny_unet(x2, t, context=ctx2)
-    torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-5)
+    close(both[1:], one, 1e-4)
 
 
 def test_unet_seeding():
@@ -192,14 +191,12 @@ def test_encode_text_chunks_and_batch(tiny_text_encoder, clip_bpe):
     c1, c2, c3, c4 = (_chunk(clip_bpe, p) for p in ("a cat", "on a mat", "a dog", "in a fog"))
     long = tiny_sd.encode_text(tiny_text_encoder, [c1, c2])
     assert long.shape == (1, 154, 32)
-    torch.testing.assert_close(long[:, 77:], tiny_sd.encode_text(tiny_text_encoder, [c2]))
+    close(long[:, 77:], tiny_sd.encode_text(tiny_text_encoder, [c2]))
 
     batch = tiny_sd.encode_text_batch(tiny_text_encoder, [[c1, c2], [c3, c4]])
     assert batch.shape == (2, 154, 32)
-    torch.testing.assert_close(batch[0:1], long, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(
-        batch[1:2], tiny_sd.encode_text(tiny_text_encoder, [c3, c4]), rtol=1e-5, atol=1e-6
-    )
+    close(batch[0:1], long)
+    close(batch[1:2], tiny_sd.encode_text(tiny_text_encoder, [c3, c4]))
 
     with pytest.raises(ValueError):
         tiny_sd.encode_text_batch(tiny_text_encoder, [[c1, c2], [c3]])

@@ -10,6 +10,7 @@ imports.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -101,6 +102,17 @@ def add_setting(key: str, default: Any, label: str, component: Any, args: dict, 
 
 
 # -- host version and neighbours ---------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def host_label() -> str:
+    """"AUTOMATIC1111 <version tag>", as messages name the host."""
+    try:
+        from modules import launch_utils
+
+        return f"AUTOMATIC1111 {launch_utils.git_tag()}"
+    except Exception:  # noqa: BLE001 - no tag to read (a copy without git): the name alone
+        return "AUTOMATIC1111"
 
 
 def replaced_unet_label() -> str | None:

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from ..lora_file import LoRAFileError, map_lora, read_lora_file
-from ..routing import Delta, HadamardDelta, KroneckerDelta, LazyDelta, LowRankDelta, Route, RowRouter, routable
+from .. import formats
+from ..routing import Delta, HadamardDelta, LazyDelta, Route, RowRouter, routable
 from . import host
 from .plan import CLoRARuntimeError, suggest_names
 
@@ -173,16 +174,7 @@ def _check_fits(name: str, module: host.NetworkModule, model: Any) -> None:
     if weight is None:
         return
     detail = ""
-    f = module.factors
-    factors = None  # (out, in) of the LoRA, read from its factors without building the delta
-    if module.kind == "lora":
-        factors = f["up"].shape[0], f["down"].shape[1]
-    elif module.kind == "loha" and f["t1"] is None:
-        factors = f["w1a"].shape[0], f["w1b"].shape[1:].numel() // weight.shape[2:].numel()
-    elif module.kind == "lokr" and f["t2"] is None:
-        w1 = f["w1"].shape if f["w1"] is not None else (f["w1a"].shape[0], f["w1b"].shape[1])
-        w2 = f["w2"].shape if f["w2"] is not None else (f["w2a"].shape[0], f["w2b"].shape[1])
-        factors = w1[0] * w2[0], w1[1] * w2[1]
+    factors = formats.factor_shape(_factors(module), weight.shape)  # (out, in), without building the delta
     if factors is not None:
         fits = factors == (weight.shape[0], weight.shape[1])
         detail = f": out x in is {weight.shape[0]}x{weight.shape[1]} in the model, {factors[0]}x{factors[1]} in the LoRA"
@@ -200,33 +192,18 @@ def _check_fits(name: str, module: host.NetworkModule, model: Any) -> None:
         )
 
 
-def _delta(module: host.NetworkModule) -> Delta:
-    """The cheapest exact form of one host module's weight delta (multiplier 1).
+def _factors(module: host.NetworkModule) -> formats.Factors:
+    return formats.Factors(module.kind, module.factors, module.scale, module.plain)
 
-    Plain LoRA stays low-rank; LoHa becomes an exact low-rank delta of rank r1*r2 where that
-    is smaller than the weight; LoKr is applied through its Kronecker factors;
-    anything else (CP/Tucker factors, bias or DoRA terms, OFT, full, IA3, ...) is built by the
-    host's ``calc_updown`` once per routed pass.
-    """
-    target, f = module.target, module.factors
-    shape = target.weight.shape
-    if module.kind == "lora" and f["mid"] is None and module.plain:
-        return LowRankDelta(down=f["down"], up=f["up"], scale=module.scale)
-    if module.kind == "loha" and module.plain and f["t1"] is None and f["t2"] is None:
-        rank = f["w1a"].shape[1] * f["w2a"].shape[1]
-        if rank * (shape[0] + shape[1:].numel()) < shape.numel():
-            return HadamardDelta(f["w1a"], f["w1b"], f["w2a"], f["w2b"], module.scale, tuple(shape))
+
+def _delta(module: host.NetworkModule) -> Delta:
+    """The cheapest exact form of one host module's weight delta (multiplier 1): the factored forms
+    of ``formats.routed_delta``; anything else (CP/Tucker factors, bias or DoRA terms, OFT, full,
+    IA3, ...) is built by the host's ``calc_updown`` once per routed pass."""
+    target = module.target
     grouped = isinstance(target, nn.Conv2d) and target.groups != 1
-    if module.kind == "lokr" and module.plain and f["t2"] is None and not grouped:
-        w1 = f["w1"] if f["w1"] is not None else f["w1a"].float() @ f["w1b"].float()
-        w2 = f["w2"] if f["w2"] is not None else f["w2a"].float() @ f["w2b"].float()
-        if w2.dim() == 2 and len(shape) == 4:  # a 1x1 conv written with a 2-D factor
-            w2 = w2.reshape(*w2.shape, *shape[2:]) if shape[2:].numel() == 1 else w2
-        if w1.dim() == 2 and w2.dim() == len(shape) and (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]) == tuple(shape[:2]) \
-                and tuple(w2.shape[2:]) == tuple(shape[2:]):
-            dtype = (f["w1"] if f["w1"] is not None else f["w1a"]).dtype  # the file's
-            return KroneckerDelta(w1.to(dtype), w2.to(dtype), module.scale)
-    return LazyDelta(functools.partial(_build_dense, module))
+    routed = formats.routed_delta(_factors(module), target.weight.shape, grouped)
+    return routed if routed is not None else LazyDelta(functools.partial(_build_dense, module))
 
 
 def _build_dense(module: host.NetworkModule) -> tuple[torch.Tensor, torch.Tensor | None]:

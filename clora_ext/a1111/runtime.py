@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+import traceback
 from typing import Any, Callable, Sequence
 
 import torch
@@ -70,13 +71,36 @@ class RequestRefused(host.RefusalBase):
         return str(self.detail)
 
 
-def refused(error: Exception) -> Exception:
-    """The host-facing form of a CLoRA error (others pass unchanged)."""
+class HostError(host.RefusalBase):
+    """An unexpected error inside a CLoRA pass (a host function that changed, a failing adapter, ...),
+    as the API answers it: 500 with one line naming CLoRA, the host and its version; the traceback
+    goes to the console once."""
+
+    def __init__(self, message: str):
+        super().__init__(status_code=500, detail=message)
+
+    def __str__(self) -> str:
+        return str(self.detail)
+
+
+def refused(error: BaseException, host_label: str) -> BaseException:
+    """The host-facing form of an error inside a CLoRA pass: CLoRA's own refusals answer 422 with
+    their message; any other Exception answers 500 with one line (``HostError``); the host's own
+    interruptions (BaseException, not Exception) and errors already in that form pass unchanged."""
     if isinstance(error, (CLoRARuntimeError, CLoRAArgsError)):
         message = str(error) if str(error).startswith("CLoRA") else f"CLoRA: {error}"
         print(f"{message} (request refused)")
         return RequestRefused(message)
-    return error
+    if not isinstance(error, Exception) or isinstance(error, host.RefusalBase):
+        return error
+    text = " ".join(str(error).split())
+    if len(text) > 300:
+        text = text[:300] + " ..."
+    message = (f"CLoRA on {host_label} failed: {type(error).__name__}: {text}. The traceback is in the "
+               "console; please report it with the host's version")
+    traceback.print_exception(type(error), error, error.__traceback__)
+    print(message)
+    return HostError(message)
 
 
 def install() -> None:
@@ -240,7 +264,7 @@ class Generation(GenerationState):
 
     def forward(self, original, denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         if self.error is not None:
-            raise refused(self.error)
+            raise refused(self.error, host.host_label())
         if host.interrupted():  # the host's forward raises InterruptedException
             return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
         try:
@@ -253,12 +277,12 @@ class Generation(GenerationState):
             proxy = FusedProxy(host.inner_model(denoiser), fused, self._pass.rows)
             with host.inner_model_replaced(denoiser, proxy):
                 return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
-        except (CLoRARuntimeError, CLoRAArgsError) as e:
+        except BaseException as e:  # sampling ends here: take the hooks off the model now
             self.close_pass()
-            raise refused(e) from None
-        except BaseException:  # sampling ends here: take the hooks off the model now
-            self.close_pass()
-            raise
+            answer = refused(e, host.host_label())
+            if answer is e:
+                raise
+            raise answer from None
 
     def close(self) -> None:
         super().close()

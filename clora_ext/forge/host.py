@@ -48,7 +48,9 @@ case except that:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -56,6 +58,7 @@ import torch
 
 from modules import prompt_parser, sd_samplers_common, shared
 
+from .. import formats
 from ..a1111 import host as webui
 from ..a1111.compat import CLASSIC, FORGE2, NEO, REFORGE, forge_flavour
 
@@ -76,6 +79,16 @@ def flavour() -> str:
 
 def host_name() -> str:
     return NAMES[flavour()]
+
+
+def host_label() -> str:
+    """The host's name and version as messages give them ("Forge Neo 2.26", "Forge 2.x 2.0.1v1.10.1");
+    Neo's release number where it has one (``forge_version.release``, from mid 2026)."""
+    from modules_forge import forge_version
+
+    found = flavour()
+    release = getattr(forge_version, "release", None) or getattr(forge_version, "version", None)
+    return NAMES[found] if release in (None, NEO, CLASSIC) else f"{NAMES[found]} {release}"
 
 
 def gradient_mode() -> Any:
@@ -224,15 +237,44 @@ def lora_patches(state_dict: dict, p: Any) -> tuple[dict, dict, int]:
 
 @dataclass(frozen=True)
 class Adapter:
-    """One patch of the host's reader, read: ``kind`` "lora" with (up, down, alpha), or the patch's
-    kind (adapter class name, or tuple kind); ``delta(weight)`` is the full weight delta at strength 1."""
+    """One patch of the host's reader, read: its format's neutral ``factors`` (``formats.Factors``;
+    None for a format without one) and ``delta(weight)``, the full weight delta at strength 1 by
+    the host's own merge, for the formats the core does not factor. ``delta`` runs the host's merge,
+    which may work in place: call it outside any torch.func transform."""
 
     kind: str
-    up: torch.Tensor | None
-    down: torch.Tensor | None
-    alpha: float | None
-    plain: bool
+    factors: formats.Factors | None
     delta: Callable[[torch.Tensor], torch.Tensor]
+
+
+# the tensors of each kind, in the order the comfy-style readers keep them (adapter ``.weights``
+# and tuple patches alike); "alpha" and "dora_scale" are read apart from the factors
+_LAYOUTS = {
+    "lora": ("up", "down", "alpha", "mid", "dora_scale", "reshape"),
+    "loha": ("w1a", "w1b", "alpha", "w2a", "w2b", "t1", "t2", "dora_scale"),
+    "lokr": ("w1", "w2", "alpha", "w1a", "w1b", "w2a", "w2b", "t2", "dora_scale"),
+}
+_ADAPTER_KINDS = {"LoRAAdapter": "lora", "LoHaAdapter": "loha", "LoKrAdapter": "lokr"}
+
+
+def _factors(kind: str, tensors: tuple) -> formats.Factors | None:
+    """The neutral factors of one comfy-style patch (``tensors`` in ``_LAYOUTS`` order; a shorter
+    tuple, as Forge Classic's without the DoRA scale, leaves the rest None)."""
+    names = _LAYOUTS.get(kind)
+    if names is None:
+        return None
+    values = dict(zip(names, (*tensors, *(None,) * len(names))))
+    alpha = values.pop("alpha")
+    alpha = None if alpha is None else float(alpha)
+    plain = values.pop("dora_scale") is None and values.pop("reshape", None) is None
+    factors = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+    if kind == "lora":
+        scale = alpha / factors["down"].shape[0] if alpha is not None else 1.0
+    elif kind == "loha":
+        scale = alpha / factors["w1b"].shape[0] if alpha is not None else 1.0
+    else:
+        scale = formats.lokr_scale(alpha, factors["w1b"], factors["w2b"])
+    return formats.Factors(kind, factors, scale, plain)
 
 
 def read_adapter(key: str, adapter: Any, p: Any) -> Adapter:
@@ -242,18 +284,16 @@ def read_adapter(key: str, adapter: Any, p: Any) -> Adapter:
         return _read_patch_tuple(key, adapter, _tuple_merger(p))
 
     name = type(adapter).__name__
-    dora = name == "LoRAAdapter" and adapter.weights[4] is not None
+    kind = _ADAPTER_KINDS.get(name, name)
+    factors = _factors(kind, tuple(adapter.weights)) if kind in _LAYOUTS else None
 
     def delta(weight: torch.Tensor) -> torch.Tensor:
         # against zeros, except with a DoRA scale, which renormalises the merged weight
-        base = weight.float().clone() if dora else torch.zeros_like(weight, dtype=torch.float32)
+        real = factors is None or not factors.plain
+        base = weight.float().clone() if real else torch.zeros_like(weight, dtype=torch.float32)
         return adapter.calculate_weight(base.clone(), key, 1.0, 1.0, None, lambda a: a) - base
 
-    if name == "LoRAAdapter":
-        up, down, alpha, mid, dora_scale = adapter.weights[:5]
-        plain = mid is None and dora_scale is None and up.dim() == 2 and down.dim() == 2
-        return Adapter("lora", up, down, None if alpha is None else float(alpha), plain, delta)
-    return Adapter(name, None, None, None, False, delta)
+    return Adapter(kind, factors, delta)
 
 
 Merger = Callable[[tuple, torch.Tensor, str], torch.Tensor]
@@ -280,27 +320,31 @@ def _tuple_merger(p: Any) -> Merger:
 
 def _read_patch_tuple(key: str, patch: tuple, merge: Merger) -> Adapter:
     """``("lora", (up, down, alpha, mid[, dora_scale]))`` (Forge 2.x with the DoRA scale, Classic
-    without) and the other kinds of those comfy readers (their tensors' last entry is the DoRA
-    scale on Forge 2.x), or a one-tensor "diff"/"set". The full delta comes from the host's own
-    merge; with a DoRA scale, or for "set", it is taken against the real weight (DoRA renormalises
-    the merged weight), otherwise against zeros."""
+    without) and the other kinds of those comfy readers (their tensors in ``_LAYOUTS`` order), or a
+    one-tensor "diff"/"set". The dense delta comes from the host's own merge; with a DoRA scale, or
+    for "set" and kinds not read here, it is taken against the real weight (DoRA renormalises the
+    merged weight), otherwise against zeros."""
     kind, tensors = patch
-    up, down, alpha, mid, dora_scale = (*tensors, None, None)[:5] if kind == "lora" else (None,) * 5
+    factors = _factors(str(kind), tuple(tensors)) if kind in _LAYOUTS else None
 
     def delta(weight: torch.Tensor) -> torch.Tensor:
-        real = kind == "set" or (kind not in ("diff", "lora") and len(tensors) > 1 and tensors[-1] is not None) \
-            or dora_scale is not None
+        real = kind != "diff" and (factors is None or not factors.plain)
         base = weight.float() if real else torch.zeros_like(weight, dtype=torch.float32)
         return merge(patch, base, key) - base
 
-    if kind == "lora":
-        plain = mid is None and dora_scale is None and up.dim() == 2 and down.dim() == 2
-        return Adapter("lora", up, down, None if alpha is None else float(alpha), plain, delta)
-    return Adapter(str(kind), None, None, None, False, delta)
+    return Adapter(str(kind), factors, delta)
 
 
 def model_parameter(p: Any, key: str) -> torch.Tensor:
     return p.sd_model.forge_objects.unet.model.get_parameter(key)
+
+
+def diffusion_module(p: Any, name: str) -> torch.nn.Module | None:
+    """The diffusion model's module ``name`` (a LoRA layer's target), or None."""
+    try:
+        return diffusion_model(unet_patcher(p)).get_submodule(name)
+    except AttributeError:
+        return None
 
 
 # -- text encoder ---------------------------------------------------------------------------------
@@ -328,17 +372,31 @@ def text_encoder_patches(p: Any, tag: str, patches: list[tuple[dict, float]]) ->
         model.forge_objects.clip = original
 
 
+def _scheduling_args(function: Callable) -> tuple:
+    """The host's "use old prompt editing timelines" option as the extra argument ``function`` takes
+    (Neo before 2.26, Forge 2.x, reForge, Classic), or nothing: Neo 2.26 dropped the parameter from
+    ``get_learned_conditioning`` and ``get_learned_conditioning_prompt_schedules``."""
+    if "use_old_scheduling" not in _parameters(function):
+        return ()
+    return (bool(getattr(shared.opts, "use_old_scheduling", False)),)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(function: Callable) -> tuple[str, ...]:
+    return tuple(inspect.signature(function).parameters)
+
+
 def learned_conditioning(p: Any, texts: list[str], negative: bool, steps: int, hires_steps: int | None,
                          width: int, height: int) -> list[list[tuple[int, Any]]]:
     conditioning = prompt_parser.SdConditioning(texts, is_negative_prompt=negative, width=width, height=height)
-    scheduled = prompt_parser.get_learned_conditioning(p.sd_model, conditioning, steps, hires_steps,
-                                                       bool(getattr(shared.opts, "use_old_scheduling", False)))
+    function = prompt_parser.get_learned_conditioning
+    scheduled = function(p.sd_model, conditioning, steps, hires_steps, *_scheduling_args(function))
     return [[(int(c.end_at_step), c.cond) for c in schedule] for schedule in scheduled]
 
 
 def prompt_schedules(texts: list[str], steps: int, hires_steps: int | None) -> list[list[tuple[int, str]]]:
-    raw = prompt_parser.get_learned_conditioning_prompt_schedules(
-        texts, steps, hires_steps, bool(getattr(shared.opts, "use_old_scheduling", False)))
+    function = prompt_parser.get_learned_conditioning_prompt_schedules
+    raw = function(texts, steps, hires_steps, *_scheduling_args(function))
     return [[(int(end), text) for end, text in schedule] for schedule in raw]
 
 

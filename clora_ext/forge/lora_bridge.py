@@ -2,8 +2,9 @@
 
 A file is parsed by the host's ``load_lora`` with its own UNet and CLIP key maps (kohya,
 diffusers and PEFT names). UNet adapters become deltas for the core's RowRouter,
-keyed by module name in the diffusion model: plain LoRA stays low-rank, anything else
-is built by the adapter's own ``calculate_weight`` once per routed pass. CLIP adapters
+keyed by module name in the diffusion model: LoRA, LoCon, LoHa and LoKr are routed from
+their factors (``formats``, shared with the A1111 glue); anything else is built dense by the
+host's own merge once per routed pass, never inside the functional gradient pass. CLIP adapters
 stay the host's own objects (adapters or tuples, as its reader makes them): they are added to a clone of
 the CLIP patcher while a variant is encoded. The concept LoRAs are never applied to the UNet weights.
 Listing and lookup (``on_disk``) are the Lora extension's, shared with the A1111 glue.
@@ -11,14 +12,17 @@ Listing and lookup (``on_disk``) are the Lora extension's, shared with the A1111
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from ..routing import Delta, LazyDelta, LowRankDelta
+from .. import formats
+from ..routing import Delta, LazyDelta
 from ..a1111 import host as webui
 from ..a1111.lora_bridge import LoRACache, on_disk
 from ..a1111.plan import CLoRARuntimeError
@@ -63,7 +67,7 @@ def _load(name: str, path: str, mtime: float, p: Any) -> ForgeLoRA:
         weight = host.model_parameter(p, key)
         read = host.read_adapter(key, adapter, p)
         _check_fits(name, module, read, weight, p)
-        lora.unet[module] = _delta(read, weight)
+        lora.unet[module] = _delta(name, module, read, weight, host.diffusion_module(p, module))
     if unmatched:
         print(f"CLoRA: LoRA {name!r}: {unmatched} key(s) match no layer of the loaded model and are left out")
     return lora
@@ -73,27 +77,63 @@ def _check_fits(name: str, module: str, adapter: host.Adapter, weight: torch.Ten
     """Refuse a LoRA made for another model family. The host matches keys by name only (an SD1.x
     file's ``down_blocks_1`` keys exist in SDXL too, with other widths) and its merge skips what does
     not fit; a routed layer that does not fit would fail mid-sampling instead."""
-    if adapter.kind != "lora" or adapter.up is None or adapter.down is None or weight.dim() < 2:
+    if adapter.factors is None or weight.dim() < 2:
         return
-    factors = (adapter.up.shape[0], adapter.down.shape[1])
-    if factors != tuple(weight.shape[:2]):
+    factors = formats.factor_shape(adapter.factors, weight.shape)
+    if factors is not None and factors != tuple(weight.shape[:2]):
         raise CLoRARuntimeError(
             f"CLoRA: LoRA {name!r} does not fit the loaded {host.model_family(p)} model (layer {module}: out x in is "
             f"{weight.shape[0]}x{weight.shape[1]} in the model, {factors[0]}x{factors[1]} in the LoRA); "
             "it is made for another model family")
 
 
-def _delta(adapter: host.Adapter, weight: torch.Tensor) -> Delta:
-    if adapter.kind == "lora" and adapter.plain and weight.dim() == 2:
-        down, up = adapter.down.detach(), adapter.up.detach()
-        if up.shape[0] == weight.shape[0] and down.shape[1] == weight.shape[1]:
-            scale = adapter.alpha / down.shape[0] if adapter.alpha is not None else 1.0
-            return LowRankDelta(down=down, up=up, scale=scale)
-    return LazyDelta(functools.partial(_dense, adapter, weight))
+def _delta(name: str, module_name: str, adapter: host.Adapter, weight: torch.Tensor,
+           module: torch.nn.Module | None) -> Delta:
+    """The factored form of ``formats.routed_delta`` where the format has one; otherwise the host's
+    own merge, built dense once per routed pass (and before a functional gradient pass: the
+    engine builds it outside the transform, where the host's in-place merge works)."""
+    if adapter.factors is not None:
+        grouped = isinstance(module, torch.nn.Conv2d) and module.groups != 1
+        routed = formats.routed_delta(adapter.factors, weight.shape, grouped)
+        if routed is not None:
+            return routed
+    return LazyDelta(functools.partial(_dense, name, module_name, adapter, weight))
 
 
-def _dense(adapter: host.Adapter, weight: torch.Tensor) -> tuple[torch.Tensor, None]:
-    return adapter.delta(weight).reshape(weight.shape), None
+def _dense(name: str, module: str, adapter: host.Adapter, weight: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """The host's merge of one layer. Its adapters log a failure and return the weight unchanged
+    (the layer would silently get no delta): a logged error, like a raised one, refuses the request."""
+    with _logged_errors() as errors:
+        try:
+            delta = adapter.delta(weight)
+        except Exception as e:  # noqa: BLE001 - the host's merge
+            errors.append(f"{type(e).__name__}: {e}")
+    if errors:
+        raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} cannot act on layer {module} ({adapter.kind}): the host's merge "
+                                f"failed ({' '.join(errors[0].split())[:200]})")
+    return delta.reshape(weight.shape), None
+
+
+class _ErrorRecords(logging.Handler):
+    def __init__(self, sink: list[str]):
+        super().__init__(logging.ERROR)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _logged_errors() -> Iterator[list[str]]:
+    """The messages of the ERROR records logged (on the root logger) inside the block."""
+    errors: list[str] = []
+    handler = _ErrorRecords(errors)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield errors
+    finally:
+        root.removeHandler(handler)
 
 
 def on_device(deltas: dict[str, Delta], device: torch.device, dtype: torch.dtype) -> dict[str, Delta]:

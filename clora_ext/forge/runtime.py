@@ -122,7 +122,7 @@ class Generation(GenerationState):
             host.install_patcher(self.p, _passthrough, self._refuse)
 
     def _refuse(self, *args: Any) -> tuple:
-        raise refused(self.error)
+        raise refused(self.error, host.host_label())
 
 
 def _passthrough(apply_model: Any, args: dict) -> torch.Tensor:
@@ -191,12 +191,12 @@ class Pass:
         try:
             with host.gradient_mode():
                 self._fused = self._step(model, x, timestep, model_options, cond)
-        except (CLoRARuntimeError, CLoRAArgsError) as e:
+        except BaseException as e:
             self.generation.close_pass()
-            raise refused(e) from None
-        except BaseException:
-            self.generation.close_pass()
-            raise
+            answer = refused(e, host.host_label())
+            if answer is e:
+                raise
+            raise answer from None
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
     def _step(self, model: Any, x: torch.Tensor, sigma: torch.Tensor, model_options: dict, cond: list | None
@@ -248,7 +248,7 @@ class Pass:
         if fused is None or x.shape[0] != len(chunks) * self.images:
             self.generation.close_pass()
             raise refused(CLoRARuntimeError("CLoRA: the host called the UNet with rows CLoRA did not prepare; "
-                                            "another extension changes the batch"))
+                                            "another extension changes the batch"), host.host_label())
         b = self.images
         return torch.cat([fused[:b] if c == 0 else fused[b:] for c in chunks]).to(x.dtype)
 

@@ -1,6 +1,8 @@
 """The fake Forge Neo host (fake_neo/) in place of Neo's ``modules``, ``modules_forge``, ``backend``
-and ``networks``, and the Forge glue on top. Every test runs on two hosts of the ``backend``
-family (the ``flavour`` fixture): "neo" (Forge Neo), "forge2" (lllyasviel Forge 2.x: version
+and ``networks``, and the Forge glue on top. Every test runs on each host the ``flavour`` fixture
+names: "neo" (Forge Neo's February 2026 tree: no release number, A1111's prompt parser
+signatures), "neo226" (Forge Neo 2.26: ``forge_version.release`` "2.26", the prompt parser
+without ``use_old_scheduling``; ``fake_model.flavour`` is "neo" for both), "forge2" (lllyasviel Forge 2.x: version
 "2.0.1v1.10.1", its tuple LoRA reader, UNet weights that keep ``requires_grad=True``) and
 "reforge" (reForge: version "1.0.0v2-v1.10.1RC", the ``ldm_patched`` reader and CLIP patcher,
 ordinary UNet weights with ``requires_grad=True``, A1111's chunker) and "classic" (Forge Classic:
@@ -28,45 +30,79 @@ import torch
 from safetensors.torch import save_file
 
 FAKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_neo")
-if FAKE not in sys.path:
-    sys.path.insert(0, FAKE)
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/tolerance.py
+for folder in (TESTS, FAKE):
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
-from modules import shared  # noqa: E402  (the fake Neo's)
+from modules import prompt_parser, shared  # noqa: E402  (the fake Neo's)
 
 import modules_forge.forge_version as forge_version  # noqa: E402
 import networks  # noqa: E402
 from backend.patcher import lora as host_lora  # noqa: E402
-from clora_ext.devtools.loras import UNET_TARGETS, kohya_unet_key, lora_targets, write_kohya_lora  # noqa: E402
+from clora_ext.devtools.loras import (  # noqa: E402
+    LOCON_TARGETS, UNET_TARGETS, kohya_unet_key, lora_targets, write_kohya_lora)
 from clora_ext.forge import lora_bridge, runtime  # noqa: E402
 from world import FakeNeoModel, FakeNeoSDXLModel  # noqa: E402
 
 
 VERSIONS = {"neo": "neo", "forge2": "2.0.1v1.10.1", "reforge": "1.0.0v2-v1.10.1RC", "classic": "classic"}
+# the hosts the tier runs as: (flavour, Neo release number or None)
+HOSTS = {"neo": ("neo", None), "neo226": ("neo", "2.26"), "forge2": ("forge2", None), "reforge": ("reforge", None),
+         "classic": ("classic", None)}
 
 
-@pytest.fixture(scope="session", params=sorted(VERSIONS, reverse=True))
+@pytest.fixture(scope="session", params=sorted(HOSTS, reverse=True))
 def flavour(request) -> str:
+    """The flavour of the host this test runs as (both Neo releases are "neo"; ``fake_model.release`` tells)."""
     return request.param
 
 
 @pytest.fixture(scope="session")
 def fake_model(flavour) -> FakeNeoModel:
-    return FakeNeoModel(unet_seed=0, te_seed=0, flavour=flavour)
+    model = FakeNeoModel(unet_seed=0, te_seed=0, flavour=HOSTS[flavour][0])
+    model.release = HOSTS[flavour][1]
+    return model
 
 
+# LoRA files are mostly half precision: so are these LyCORIS ones (Neo's adapters fail on such
+# factors inside a functional transform, which the glue must never call them in)
 def _write_loha(path: str, unet: torch.nn.Module, seed: int) -> None:
-    """A LoHa (rank 2 x 2) over the UNet's attention projections."""
+    """A LoHa (rank 2 x 2) over the UNet's attention projections and its ResBlock 3x3 convs
+    (a conv's ``*_b`` factors flattened to (rank, in*kh*kw), as LyCORIS writes them)."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, module in lora_targets(unet, UNET_TARGETS):
-        if module.weight.dim() != 2:
-            continue
-        out, inp = module.weight.shape
+    for name, module in [*lora_targets(unet, UNET_TARGETS), *lora_targets(unet, LOCON_TARGETS)]:
+        out, inp = module.weight.shape[:2]
+        fan_in = module.weight[0].numel()
         key = kohya_unet_key(name)
         std = float(module.weight.std())
         for i in (1, 2):
-            tensors[f"{key}.hada_w{i}_a"] = torch.randn(out, 2, generator=g) * std ** 0.5
-            tensors[f"{key}.hada_w{i}_b"] = torch.randn(2, inp, generator=g) * std ** 0.5 / inp ** 0.5
+            tensors[f"{key}.hada_w{i}_a"] = (torch.randn(out, 2, generator=g) * std ** 0.5).half()
+            tensors[f"{key}.hada_w{i}_b"] = (torch.randn(2, fan_in, generator=g) * std ** 0.5 / inp ** 0.5).half()
+        tensors[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, path)
+
+
+def _split(n: int) -> tuple[int, int]:
+    """LyCORIS's factorisation of a width for LoKr: the most even pair (small, large)."""
+    small = max(d for d in range(1, int(n ** 0.5) + 1) if n % d == 0)
+    return small, n // small
+
+
+def _write_lokr(path: str, unet: torch.nn.Module, seed: int) -> None:
+    """A LoKr over the same layers: a full ``lokr_w1`` and a low-rank ``lokr_w2_a``/``lokr_w2_b``
+    (rank 2; for a 3x3 conv ``lokr_w2_b`` is (rank, in2*kh*kw), LyCORIS's layout without Tucker)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in [*lora_targets(unet, UNET_TARGETS), *lora_targets(unet, LOCON_TARGETS)]:
+        (o1, o2), (i1, i2) = _split(module.weight.shape[0]), _split(module.weight.shape[1])
+        kernel = module.weight[0, 0].numel()
+        key = kohya_unet_key(name)
+        std = float(module.weight.std())
+        tensors[f"{key}.lokr_w1"] = torch.randn(o1, i1, generator=g).half()
+        tensors[f"{key}.lokr_w2_a"] = (torch.randn(o2, 2, generator=g) * std).half()
+        tensors[f"{key}.lokr_w2_b"] = (torch.randn(2, i2 * kernel, generator=g) / (i1 * i2 * kernel) ** 0.5).half()
         tensors[f"{key}.alpha"] = torch.tensor(2.0)
     save_file(tensors, path)
 
@@ -80,12 +116,16 @@ def lora_dir(tmp_path_factory, fake_model) -> str:
         for seed, name in enumerate(["cat_lora", "dog_lora", "fox_lora"]):
             write_kohya_lora(folder / f"{name}.safetensors", unet, te, seed=seed + 1, strength=2.0)
         _write_loha(str(folder / "cat_loha.safetensors"), unet, 11)
+        _write_lokr(str(folder / "dog_lokr.safetensors"), unet, 12)
+        write_kohya_lora(folder / "dog_locon.safetensors", unet, te, seed=13, strength=2.0, conv=True)
     return str(folder)
 
 
 @pytest.fixture(scope="session")
 def fake_sdxl_model(flavour) -> FakeNeoSDXLModel:
-    return FakeNeoSDXLModel(unet_seed=0, te_seed=0, flavour=flavour)
+    model = FakeNeoSDXLModel(unet_seed=0, te_seed=0, flavour=HOSTS[flavour][0])
+    model.release = HOSTS[flavour][1]
+    return model
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +159,12 @@ def fake_sdxl_host(fake_sdxl_model, sdxl_lora_dir, monkeypatch):
 
 def _started_host(fake_model, lora_dir, monkeypatch):
     monkeypatch.setattr(forge_version, "version", VERSIONS[fake_model.flavour])
+    release = getattr(fake_model, "release", None)
+    if release is None:
+        monkeypatch.delattr(forge_version, "release", raising=False)
+    else:
+        monkeypatch.setattr(forge_version, "release", release, raising=False)
+    prompt_parser.use_release(release)
     monkeypatch.setattr(host_lora, "FLAVOUR", fake_model.flavour)
     shared.reset(fake_model)
     networks.lora_dir = lora_dir
@@ -129,6 +175,7 @@ def _started_host(fake_model, lora_dir, monkeypatch):
     hooks_before = _hook_count(fake_model)
     yield shared
     runtime.generations.close_any()
+    prompt_parser.use_release(None)
     assert _hook_count(fake_model) == hooks_before, "the glue left hooks on the model"
     for objects in (fake_model.forge_objects_original, fake_model.forge_objects_after_applying_lora):
         assert set(objects.unet.model_options) == {"transformer_options"}, "the glue changed the host's own patcher"

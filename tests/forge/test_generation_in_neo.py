@@ -14,6 +14,7 @@ from clora_ext.a1111.runtime import RequestRefused
 from clora_ext.forge import runtime
 
 from driver import clora, generate
+from tolerance import LAYER, close, differs
 
 PROMPT = "a cat and a dog"
 PAIR = (("cat", "cat_lora"), ("dog", "dog_lora"))
@@ -156,7 +157,7 @@ def test_fused_rows_are_served_in_the_hosts_row_order(fake_host, monkeypatch):
     monkeypatch.setattr(runtime.Pass, "wrapper", recording)
     same = generate(txt2img(script_args=(neutral,))).images[0]
     assert orders == [[1, 0]] * 4  # Neo batches uncond first
-    assert torch.allclose(same, plain, atol=1e-4), float((same - plain).abs().max())
+    close(same, plain)
 
     def swapped(self, apply_model, args):
         return wrapper(self, apply_model, {**args, "cond_or_uncond": args["cond_or_uncond"][::-1]})
@@ -245,7 +246,7 @@ def test_a_row_cap_splits_calls_and_gives_the_same_result(fake_host, fake_model)
     shared.opts.clora_max_rows = 2
     capped = generate(txt2img(script_args=(clora(*PAIR),))).images[0]
     assert max(fake_model.kmodel.calls) == 2
-    assert torch.allclose(capped, full, rtol=1e-4, atol=1e-3), float((capped - full).abs().max())  # float rounding
+    close(capped, full, 1e-4)  # float rounding
 
 
 def test_img2img_counts_the_steps_that_run(fake_host, capsys):
@@ -326,46 +327,95 @@ def test_a_controlnet_attached_to_the_patcher_is_refused(fake_host, fake_model, 
     assert fake_model.kmodel.calls == []
 
 
+LYCORIS = ("cat_loha", "dog_lokr", "dog_locon")
+
+
 def test_the_lora_readers_give_the_same_deltas(fake_host, fake_model, monkeypatch):
     """Neo's reader (adapter objects), Forge 2.x's (tuples: ("lora", (up, down, alpha, mid, dora)),
-    ("loha", ...)), reForge's (``ldm_patched``: adapter objects, only the matched patches) and
-    Classic's (``ldm_patched``: ("lora", (up, down, alpha, mid)) tuples) must give the glue the same
-    per-layer deltas: low-rank for plain LoRA, the dense delta (the adapter's calculate_weight;
-    Forge 2.x: merge_lora_to_weight; Classic: the patcher's calculate_weight) for LoHa."""
+    ("loha", ...), ("lokr", ...)), reForge's (``ldm_patched``: adapter objects, only the matched
+    patches) and Classic's (``ldm_patched``: tuples without the DoRA scale) must give the glue the
+    same per-layer deltas, each routed from its factors (low-rank LoRA and LoCon, LoHa as an exact
+    low-rank delta, LoKr through its Kronecker factors) and equal to the host's own merge."""
     import modules_forge.forge_version as forge_version
     from backend.patcher import lora as host_lora
 
-    from clora_ext.forge import lora_bridge
-    from clora_ext.routing import LazyDelta, LowRankDelta
+    from clora_ext.forge import host, lora_bridge
+    from clora_ext.routing import HadamardDelta, KroneckerDelta, LazyDelta, LowRankDelta
     from conftest import VERSIONS
 
     p = txt2img()
+    names = ("cat_lora", *LYCORIS)
     read, dense = {}, {}
     for form in VERSIONS:  # each read and built while its host runs
         monkeypatch.setattr(host_lora, "FLAVOUR", form)
         monkeypatch.setattr(forge_version, "version", VERSIONS[form])
         lora_bridge.clear_cache()
         with torch.inference_mode():
-            read[form] = {name: lora_bridge.load(name, p) for name in ("cat_lora", "cat_loha")}
-            dense[form] = {(name, module): delta.build()[0] for name, lora in read[form].items()
-                           for module, delta in lora.unet.items() if isinstance(delta, LazyDelta)}
+            read[form] = {name: lora_bridge.load(name, p) for name in names}
+            dense[form] = {(name, module): delta.dense(host.model_parameter(p, f"diffusion_model.{module}.weight").shape)
+                           for name, lora in read[form].items() for module, delta in lora.unet.items()}
+    kinds = {"cat_lora": LowRankDelta, "cat_loha": HadamardDelta, "dog_lokr": KroneckerDelta, "dog_locon": LowRankDelta}
+    for name, kind in kinds.items():  # nothing of these formats is left to a dense per-pass build
+        assert read["neo"][name].unet and all(type(d) is kind for d in read["neo"][name].unet.values()), name
+    assert any(d.down.dim() == 4 for d in read["neo"]["dog_locon"].unet.values())  # the 3x3 convs, low-rank
     for other in ("forge2", "reforge", "classic"):
-        for name in ("cat_lora", "cat_loha"):
+        for name in names:
             neo, theirs = read["neo"][name].unet, read[other][name].unet
             assert neo.keys() == theirs.keys() and neo
             assert set(read["neo"][name].clip) == set(read[other][name].clip)
-            for module in neo:
-                a, b = neo[module], theirs[module]
-                assert type(a) is type(b)
-                if isinstance(a, LowRankDelta):
-                    assert torch.equal(a.down, b.down) and torch.equal(a.up, b.up) and a.scale == b.scale
-        assert dense["neo"].keys() == dense[other].keys() and dense["neo"]
+            assert all(type(neo[m]) is type(theirs[m]) for m in neo)
+        assert dense["neo"].keys() == dense[other].keys()
         for key, delta in dense["neo"].items():
-            assert delta.abs().sum() > 0 and torch.allclose(delta, dense[other][key], atol=1e-6)
+            assert delta.abs().sum() > 0
+            close(dense[other][key], delta, 1e-5)
+    # each routed delta is the host's own merge of the layer (Neo's adapters, outside any transform)
+    monkeypatch.setattr(host_lora, "FLAVOUR", "neo")
+    monkeypatch.setattr(forge_version, "version", VERSIONS["neo"])
+    unet_patches, _, _ = host.lora_patches(host.load_lora_file(lora_bridge.webui.lora_path(
+        lora_bridge.on_disk("dog_lokr"))), p)
+    for key, adapter in unet_patches.items():
+        module = key[len("diffusion_model."):-len(".weight")]
+        weight = host.model_parameter(p, key)
+        expected = host.read_adapter(key, adapter, p).delta(weight)
+        close(dense["neo"][("dog_lokr", module)], expected, 1e-3)  # half-precision factors, multiplied apart
+    assert not any(isinstance(d, LazyDelta) for f in read.values() for lora in f.values() for d in lora.unet.values())
     for tuples in ("forge2", "classic"):
         clip_patch = next(iter(read[tuples]["cat_lora"].clip.values()))
         assert isinstance(clip_patch, tuple) and clip_patch[0] == "lora"  # handed to the CLIP patcher as read
         assert any(isinstance(d, LowRankDelta) for d in read[tuples]["cat_lora"].unet.values())
+
+
+def _first_gradient(monkeypatch, p) -> torch.Tensor:
+    """The first latent gradient of the generation ``p`` (CLoRA's first gradient pass)."""
+    from clora_ext.engine import CLoRAEngine
+
+    grads = []
+    gradient = CLoRAEngine._gradient
+
+    def recording(self, *args, **kwargs):
+        grads.append(gradient(self, *args, **kwargs).clone())
+        return grads[-1]
+
+    monkeypatch.setattr(CLoRAEngine, "_gradient", recording)
+    generate(p)
+    monkeypatch.setattr(CLoRAEngine, "_gradient", gradient)
+    return grads[0]
+
+
+def test_lycoris_concepts_act_in_the_gradient_pass(fake_host, monkeypatch, caplog):
+    """LoHa, LoKr and LoCon concepts whose host adapters add in place on half-precision factors (as
+    Neo's do, which fails inside the functional gradient pass) change the latent gradient as their
+    merged weights do; before, those layers got no delta there and the host logged an ERROR per layer."""
+    import logging
+
+    concepts = lambda weight: {"enabled": True, "concepts": [  # noqa: E731
+        {"subject": "cat", "lora": "cat_loha", "weight": weight, "te_weight": 0},
+        {"subject": "dog", "lora": "dog_lokr", "weight": weight, "te_weight": 0}]}
+    with caplog.at_level(logging.ERROR):
+        acting = _first_gradient(monkeypatch, txt2img(script_args=(concepts(1.0),)))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    idle = _first_gradient(monkeypatch, txt2img(script_args=(concepts(0.0),)))
+    assert differs(acting, idle, 0.01)
 
 
 def test_reforge_reads_full_difference_layers_and_counts_unread_keys(fake_host, fake_model, tmp_path, capsys):
@@ -389,7 +439,7 @@ def test_reforge_reads_full_difference_layers_and_counts_unread_keys(fake_host, 
     networks.available_networks["whole_diff"] = networks.NetworkOnDisk("whole_diff", str(tmp_path / "whole_diff.safetensors"))
     lora = lora_bridge.load("whole_diff", txt2img())
     assert list(lora.unet) == [module] and isinstance(lora.unet[module], LazyDelta)
-    assert torch.allclose(lora.unet[module].build()[0], diff, atol=1e-6)
+    close(lora.unet[module].build()[0], diff, LAYER)
     assert "LoRA 'whole_diff': 2 key(s) match no layer of the loaded model" in capsys.readouterr().out
 
 
@@ -411,7 +461,60 @@ def test_a_dora_adapter_gives_its_delta_against_the_real_weight():
     weight = torch.randn(6, 5, generator=g)
     adapter = LoRAAdapter(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g), torch.rand(6, 1, generator=g) + 0.5)
     read = host.read_adapter("diffusion_model.x.weight", adapter, None)
-    assert not read.plain  # never routed as a plain low-rank product
+    assert read.factors is not None and not read.factors.plain  # never routed as a plain low-rank product
     expected = adapter.calculate_weight(weight.clone(), "k", 1.0, 1.0, None, None) - weight
-    assert torch.allclose(read.delta(weight), expected, atol=1e-6)
+    close(read.delta(weight), expected, LAYER)
     assert not torch.allclose(read.delta(weight), adapter.calculate_weight(torch.zeros_like(weight), "k", 1.0, 1.0, None, None))
+
+
+def test_a_host_error_inside_a_pass_answers_one_line_and_the_next_request_runs(fake_host, fake_model, monkeypatch,
+                                                                                 capsys):
+    """An unexpected error of the host inside a CLoRA pass (here: KModel.apply_model failing once, as
+    a changed host signature would) answers 500 with one line naming CLoRA, the host and its version;
+    the traceback goes to the console; nothing stays on the model, and the next request runs."""
+    from clora_ext.a1111.runtime import HostError
+    from clora_ext.forge import host
+
+    expected = generate(txt2img(script_args=(clora(*PAIR),))).images[0]
+    apply_model = host.apply_model
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TypeError("apply_model() got an unexpected keyword argument 'c_crossattn'")
+        return apply_model(*args, **kwargs)
+
+    monkeypatch.setattr(host, "apply_model", failing)
+    capsys.readouterr()
+    with pytest.raises(HostError) as failed:
+        generate(txt2img(script_args=(clora(*PAIR),)))
+    label = {"neo": "Forge Neo", "forge2": "Forge 2.x 2.0.1v1.10.1", "reforge": "reForge 1.0.0v2-v1.10.1RC",
+             "classic": "Forge Classic"}[fake_model.flavour]
+    if getattr(fake_model, "release", None):
+        label = f"Forge Neo {fake_model.release}"
+    assert failed.value.status_code == 500 and "\n" not in failed.value.detail
+    assert failed.value.detail.startswith(f"CLoRA on {label} failed: TypeError: apply_model() got an unexpected")
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    again = generate(txt2img(script_args=(clora(*PAIR),))).images[0]
+    assert torch.equal(again, expected)
+
+
+def test_a_lora_the_hosts_merge_fails_on_is_refused_naming_it(fake_host, monkeypatch):
+    """A layer left to the host's own merge (a format without a factored form) whose merge fails:
+    Neo's adapters log the error and return the weight unchanged, so the concept would silently do
+    nothing there. The request is refused with 422 naming the LoRA, the layer and the host's error."""
+    from backend.patcher import lora as host_lora
+
+    from clora_ext import formats
+    from clora_ext.forge import lora_bridge
+
+    monkeypatch.setattr(formats, "routed_delta", lambda *args, **kwargs: None)  # every layer to the dense build
+    monkeypatch.setattr(host_lora.LoKrAdapter, "diff", lambda self, shape, dtype=None: 1 / 0)
+    lora_bridge.clear_cache()
+    with pytest.raises(RequestRefused) as refused:
+        generate(txt2img(script_args=(clora(("cat", "cat_lora"), ("dog", "dog_lokr")),)))
+    assert refused.value.status_code == 422
+    assert refused.value.detail.startswith("CLoRA: LoRA 'dog_lokr' cannot act on layer ")
+    # adapter objects (Neo, reForge) only log the error; the tuple merges (Forge 2.x, Classic) raise it
+    assert "the host's merge failed" in refused.value.detail and "division by zero" in refused.value.detail

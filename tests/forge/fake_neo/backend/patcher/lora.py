@@ -9,16 +9,19 @@ models to file keys, and ``load_lora`` turning a file's tensors into weight adap
   ``lora_te1_*`` (clip_l) and ``lora_te2_*`` (clip_g);
 - ``load_lora(lora, to_load)`` -> ({model key: adapter}, {tensors not used}). Neo's adapters:
   ``LoRAAdapter`` (``.weights = (up, down, alpha, mid, dora_scale, reshape)``) and
-  ``LoHaAdapter``; both build their delta in ``calculate_weight(weight, key, strength,
-  strength_model, offset, function)``, which adds it to ``weight`` and returns it.
+  ``LoHaAdapter`` and ``LoKrAdapter`` (the layouts of Neo's weight adapters); each builds its
+  delta in ``calculate_weight(weight, key, strength, strength_model, offset, function)``, which
+  adds it to ``weight`` in place and returns it, logging an error instead of raising, as Neo's do.
   With ``FLAVOUR = "forge2"`` (set by the tests) it returns what lllyasviel Forge 2.x's comfy
   reader returns instead: tuples ``("lora", (up, down, alpha, mid, dora_scale))`` and
-  ``("loha", (w1a, w1b, alpha, w2a, w2b, t1, t2, dora_scale))``, merged by
+  ``("loha", (w1a, w1b, alpha, w2a, w2b, t1, t2, dora_scale))``, ``("lokr", (...))``, merged by
   ``merge_lora_to_weight(patches, weight, key, computation_dtype)`` with patch entries
   ``[strength, (kind, tensors), strength_model, offset, function]``.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -63,8 +66,15 @@ class WeightAdapterBase:
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        delta = self.diff(weight.shape).to(intermediate_dtype)
-        weight += function(strength * delta).to(weight.dtype)
+        """As Neo's adapters do: the factors cast to ``intermediate_dtype``, the delta added to
+        ``weight`` in place; an error is logged and the weight returned unchanged. (Inside
+        ``torch.func.functionalize`` that add fails when the file's factors are half precision:
+        "mutating a non-functional tensor with a functional tensor", as in Neo.)"""
+        try:
+            delta = self.diff(weight.shape, intermediate_dtype)
+            weight += function(strength * delta).type(weight.dtype)
+        except Exception as e:  # noqa: BLE001 - Neo's adapters log and go on
+            logging.error("ERROR %s %s %s", self.name, key, e)
         return weight
 
 
@@ -78,10 +88,10 @@ class LoRAAdapter(WeightAdapterBase):
             return None
         return cls({up, down}, (lora[up], lora[down], alpha, None, dora_scale, None))
 
-    def diff(self, shape) -> torch.Tensor:
+    def diff(self, shape, dtype=torch.float32) -> torch.Tensor:
         up, down, alpha, mid, dora_scale, reshape = self.weights
         scale = alpha / down.shape[0] if alpha is not None else 1.0
-        return (up.flatten(1).float() @ down.flatten(1).float()).reshape(shape) * scale
+        return (up.flatten(1).to(dtype) @ down.flatten(1).to(dtype)).reshape(shape) * scale
 
 
 class LoHaAdapter(WeightAdapterBase):
@@ -92,15 +102,45 @@ class LoHaAdapter(WeightAdapterBase):
         names = [f"{x}.hada_w1_a", f"{x}.hada_w1_b", f"{x}.hada_w2_a", f"{x}.hada_w2_b"]
         if names[0] not in lora:
             return None
-        return cls(set(names), (*[lora[n] for n in names], alpha, None, None, dora_scale))
+        w1a, w1b, w2a, w2b = (lora[n] for n in names)
+        return cls(set(names), (w1a, w1b, alpha, w2a, w2b, None, None, dora_scale))
 
-    def diff(self, shape) -> torch.Tensor:
-        w1a, w1b, w2a, w2b, alpha, t1, t2, dora_scale = self.weights
+    def diff(self, shape, dtype=torch.float32) -> torch.Tensor:
+        w1a, w1b, alpha, w2a, w2b, t1, t2, dora_scale = self.weights
         scale = alpha / w1b.shape[0] if alpha is not None else 1.0
-        return ((w1a.float() @ w1b.float()) * (w2a.float() @ w2b.float())).reshape(shape) * scale
+        return ((w1a.to(dtype) @ w1b.to(dtype)) * (w2a.to(dtype) @ w2b.to(dtype))).reshape(shape) * scale
 
 
-ADAPTERS = (LoRAAdapter, LoHaAdapter)
+class LoKrAdapter(WeightAdapterBase):
+    """LyCORIS LoKr: ``.weights = (w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, t2, dora_scale)``; the delta
+    is kron(w1, w2) shaped as the weight (a conv's low-rank w2 is (out2, in2*kh*kw))."""
+
+    name = "lokr"
+    NAMES = ("lokr_w1", "lokr_w2", None, "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+    @classmethod
+    def load(cls, x: str, lora: dict, alpha, dora_scale) -> "LoKrAdapter | None":
+        keys = [None if n is None else f"{x}.{n}" for n in cls.NAMES]
+        if not any(k in lora for k in keys if k is not None):
+            return None
+        values = [alpha if k is None else lora.get(k) for k in keys]
+        return cls({k for k in keys if k in lora}, (*values, dora_scale))
+
+    def diff(self, shape, dtype=torch.float32) -> torch.Tensor:
+        w1, w2, alpha, w1a, w1b, w2a, w2b, t2, dora_scale = self.weights
+        rank = None
+        if w1 is None:
+            rank, w1 = w1b.shape[0], w1a.to(dtype) @ w1b.to(dtype)
+        if w2 is None:
+            rank, w2 = w2b.shape[0], w2a.to(dtype) @ w2b.to(dtype)
+        w1, w2 = w1.to(dtype), w2.to(dtype)
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        scale = alpha / rank if alpha is not None and rank is not None else 1.0
+        return torch.kron(w1, w2).reshape(shape) * scale
+
+
+ADAPTERS = (LoRAAdapter, LoHaAdapter, LoKrAdapter)
 FLAVOUR = "neo"  # or "forge2" (the form load_lora returns), "reforge", "classic" (ldm_patched.modules.lora)
 
 
@@ -108,7 +148,10 @@ def as_forge2_tuple(adapter: WeightAdapterBase) -> tuple:
     if isinstance(adapter, LoRAAdapter):
         up, down, alpha, mid, dora_scale, _ = adapter.weights
         return ("lora", (up, down, alpha, mid, dora_scale))
-    return ("loha", adapter.weights)
+    return (adapter.name, adapter.weights)
+
+
+_KINDS = {cls.name: cls for cls in ADAPTERS}
 
 
 def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=torch.float32):
@@ -118,10 +161,10 @@ def merge_lora_to_weight(patches, weight, key="online_lora", computation_dtype=t
         function = function or (lambda a: a)
         if strength_model != 1.0:
             weight *= strength_model
-        cls = LoRAAdapter if kind == "lora" else LoHaAdapter
+        length = {"lora": 6, "loha": 8, "lokr": 9}[kind]
         # Forge 2.x's tuples end with the DoRA scale, Classic's stop before it
-        adapter = cls(set(), (*tensors, None, None)[:6] if kind == "lora" else (*tensors, None)[:8])
-        weight += function(strength * adapter.diff(weight.shape).to(computation_dtype))
+        adapter = _KINDS[kind](set(), (*tensors, None, None)[:length])
+        weight += function(strength * adapter.diff(weight.shape, computation_dtype))
     return weight
 
 

@@ -8,7 +8,8 @@
   function)`` into ``weight``;
 - Forge Classic (``backend.patcher.lora.FLAVOUR == "classic"``, set by the tests): the old
   ComfyUI reader, ``load_lora(lora, to_load)`` -> ({model key: tuple}, {tensors not used}) with
-  ``("lora", (up, down, alpha, mid))`` and ``("loha", (w1a, w1b, alpha, w2a, w2b, t1, t2))``,
+  ``("lora", (up, down, alpha, mid))``, ``("loha", (w1a, w1b, alpha, w2a, w2b, t1, t2))`` and
+  ``("lokr", (w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, t2))``,
   merged by the model patcher's ``calculate_weight`` method (``backend.patcher.unet``).
 """
 
@@ -59,6 +60,6 @@ def _classic_load_lora(lora: dict, to_load: dict) -> tuple[dict, dict]:
         if adapter.name == "lora":
             up, down, alpha, mid = adapter.weights[:4]
             patches[key] = ("lora", (up, down, alpha, mid))
-        else:
-            patches[key] = ("loha", adapter.weights[:7])
+        else:  # without the DoRA scale
+            patches[key] = (adapter.name, adapter.weights[:-1])
     return patches, rest
