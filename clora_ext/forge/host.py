@@ -9,11 +9,16 @@ extension's listing, ``ui_components``, the script classes) is reached through
 UnetPatcher and its model options, KModel (``ldm_patched``: BaseModel), the host's LoRA reader,
 the CLIP patcher and the prompt chunker.
 
+Where Neo's releases differ, the glue asks what the host offers, not its version: Neo 2.26
+dropped ``use_old_scheduling`` from the prompt parser's functions (``_scheduling_args`` reads
+their signatures); ``host_label`` names the release where ``forge_version.release`` exists.
+
 Where Forge 2.x (lllyasviel, ``forge_version.version == "2.0.1v1.10.1"`` at dfdcbab6) differs
 from Neo:
 - its LoRA reader returns tuples, ``("lora", (up, down, alpha, mid, dora_scale))``,
-  ``("loha", ...)``, ``("lokr", ...)``, not adapter objects; their dense delta comes from
-  its ``merge_lora_to_weight`` (``read_adapter``);
+  ``("loha", ...)``, ``("lokr", ...)``, not adapter objects (``read_adapter`` reads both into
+  the same neutral factors; a format without them gets its dense delta from
+  ``merge_lora_to_weight``);
 - its KModel leaves the UNet parameters at ``requires_grad=True`` (made under inference mode).
   Measured (torch 2.13, the tiny ldm UNet): ``func.vjp(functionalize(f))`` works on them inside
   inference mode with ``requires_grad`` True or off; outside inference mode it fails unless

@@ -43,6 +43,36 @@ def test_on_composes_and_cleans_up(fake_host, capsys):
     assert runtime.generations.serving(p) is None  # closed when the host closed p
 
 
+def test_a_host_error_inside_a_pass_answers_one_line_and_the_next_request_runs(fake_host, monkeypatch, capsys):
+    """An unexpected error inside a CLoRA pass (here the variant encoding failing once, as a changed
+    host function would) answers 500 with one line naming CLoRA and the host; the traceback goes to
+    the console; the pass is closed and the next request runs as before."""
+    from clora_ext.a1111 import encoding
+
+    expected = generate(txt2img(script_args=(clora(*PAIR),))).images[0]
+    encode = encoding.encode
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TypeError("get_learned_conditioning() takes from 3 to 4 positional arguments but 5 were given")
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(encoding, "encode", failing)
+    capsys.readouterr()
+    p = txt2img(script_args=(clora(*PAIR),))
+    with pytest.raises(runtime.HostError) as failed:
+        generate(p)
+    assert failed.value.status_code == 500 and "\n" not in failed.value.detail
+    assert failed.value.detail.startswith("CLoRA on AUTOMATIC1111")
+    assert "failed: TypeError: get_learned_conditioning() takes from 3 to 4" in failed.value.detail
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    assert runtime.generations.serving(p) is None
+    again = generate(txt2img(script_args=(clora(*PAIR),))).images[0]
+    assert torch.equal(again, expected)
+
+
 def test_batch_and_iterations(fake_host, capsys):
     p = txt2img(script_args=(clora(*PAIR),), batch_size=2, n_iter=2)
     images = generate(p).images
