@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from clora_ext.engine import EngineSettings
-from clora_ext.masks import Morphology
+from clora_ext.masks import MaskTokens, Morphology
 from clora_ext.update import Schedule
 from miniworld.compose import Result, Task, run, score
 from miniworld.evaluate import summarise as summarise_results
@@ -48,6 +48,9 @@ from miniworld.model import load_model
 from .reference import generate_reference
 
 METHODS = ("plain", "merge", "fusion_only", "update_only", "clora_paper", "clora_default")
+# on request: the shipped defaults with another mask-token rule (masks.MaskTokens): the maps each
+# variant's mask is made of
+MASK_METHODS = tuple(f"clora_masks_{rule.value}" for rule in MaskTokens if rule is not MaskTokens.PAPER)
 # on request: the reference implementation's per-step computation (bench.reference: stale maps and
 # prediction after an update, maps averaged over cond and uncond rows), paper settings, Euler only
 REFERENCE = "clora_reference"
@@ -72,6 +75,8 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
         "clora_paper": ("clora", paper),
         "clora_default": ("clora", EngineSettings()),
         REFERENCE: (REFERENCE, paper),
+        **{f"clora_masks_{rule.value}": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=rule))
+           for rule in MaskTokens},
     }[method]
 
 
@@ -80,8 +85,9 @@ def _prompt(shapes: Iterable[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def suites(quick: bool) -> dict[str, list[tuple[Task, int]]]:
-    """(task, seed) pairs per suite. Full: 72 / 36 / 32 images per method and suite over both samplers."""
+def suites(quick: bool, seed_offset: int = 0) -> dict[str, list[tuple[Task, int]]]:
+    """(task, seed) pairs per suite. Full: 72 / 36 / 32 images per method and suite over both samplers.
+    ``seed_offset``: seeds from there on instead of 0 (settings chosen on seeds 0-5 are reported on others)."""
     pairs = [("circle", "square"), ("circle", "triangle"), ("square", "triangle")]
     two = [Task(_prompt(order), tuple(BY_SHAPE[s].name for s in order)) for p in pairs for order in (p, p[::-1])]
     three = [Task(_prompt(order), tuple(BY_SHAPE[s].name for s in order))
@@ -91,11 +97,12 @@ def suites(quick: bool) -> dict[str, list[tuple[Task, int]]]:
         content = (BY_SHAPE[a].name, BY_SHAPE[b].name)
         style.append(Task(_prompt((a, b)), content, style=STYLE.name))
         style.append(Task(_prompt((a, b)), content, style=STYLE.name, style_subjects=(a,)))
+    o = seed_offset
     if quick:
-        return {"two": [(two[0], s) for s in range(2)], "three": [(three[0], 0)], "style": [(style[1], 0)]}
-    return {"two": [(t, s) for t in two for s in range(6)],
-            "three": [(t, s) for t in three for s in range(6)],
-            "style": [(t, s) for t in style for s in range(4)]}
+        return {"two": [(two[0], o + s) for s in range(2)], "three": [(three[0], o)], "style": [(style[1], o)]}
+    return {"two": [(t, o + s) for t in two for s in range(6)],
+            "three": [(t, o + s) for t in three for s in range(6)],
+            "style": [(t, o + s) for t in style for s in range(4)]}
 
 
 @dataclass
@@ -132,7 +139,7 @@ def paired(differences: list[float]) -> dict:
 
 def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: tuple[str, ...] = SAMPLERS,
             steps: int = 20, shard: tuple[int, int] = (1, 1), only: tuple[str, ...] = (),
-            log=print) -> dict[str, list[Scored]]:
+            log=print, seed_offset: int = 0) -> dict[str, list[Scored]]:
     """Render and judge every (suite, task, seed) item of ``shard`` = (i, n): items i-1, i-1+n, ...
 
     A method whose settings equal an earlier method's (``clora_default`` and ``clora_paper``
@@ -141,7 +148,7 @@ def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: t
     """
     torch.set_flush_denormal(True)
     model = load_model()
-    items = [(suite, task, seed) for suite, pairs in suites(quick).items() for task, seed in pairs]
+    items = [(suite, task, seed) for suite, pairs in suites(quick, seed_offset).items() for task, seed in pairs]
     scored: dict[str, list[Scored]] = {m: [] for m in methods}
     for k, (suite, task, seed) in enumerate(items):
         if k % shard[1] != shard[0] - 1 or (only and suite not in only):
@@ -211,6 +218,11 @@ def build_report(scored: dict[str, list[Scored]], quick: bool, steps: int) -> di
             pick = {m: [s for s in scored[m] if s.suite == suite] for m in ("clora_default", "merge")}
             report.setdefault("clora_default_minus_merge_by_suite", {})[suite] = difference(
                 pick["clora_default"], pick["merge"])
+    for method in scored:
+        if method.startswith("clora_masks_") and "clora_default" in scored:  # each mask rule against the shipped one
+            report.setdefault("mask_rules_minus_default", {})[method] = {
+                suite: difference([s for s in scored[method] if s.suite == suite],
+                                  [s for s in scored["clora_default"] if s.suite == suite]) for suite in suite_names}
     return report
 
 
@@ -227,7 +239,8 @@ def _describe(method: str) -> dict:
     return {"method": how, "step_size": s.step_size, "refine_iterations": s.schedule.refine_iterations,
             "refine_tolerance": s.refine_tolerance, "update_fraction": s.schedule.update_fraction,
             "refine_at": list(s.schedule.refine_at), "mask_threshold": s.mask_threshold,
-            "morphology": s.morphology.value, "mask_start": s.schedule.mask_start}
+            "morphology": s.morphology.value, "mask_start": s.schedule.mask_start,
+            "mask_tokens": MaskTokens(s.mask_tokens).value}
 
 
 def format_table(report: dict) -> str:
@@ -278,9 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a few images per suite (under 5 minutes on 2 cores)")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--grid", help="write the methods x seeds picture grid here (PNG)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS + (REFERENCE,), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS + (REFERENCE,) + MASK_METHODS, default=list(METHODS))
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="seeds from here on (default 0: the seeds the defaults were chosen on)")
     parser.add_argument("--suites", nargs="+", choices=("two", "three", "style"), default=[],
                         help="only these suites (default: all)")
     parser.add_argument("--shard", default="1/1", help="i/n: render every n-th item from the i-th (with --save)")
@@ -296,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         scored = merge(parts)
     else:
         shard = tuple(int(v) for v in args.shard.split("/"))
-        scored = collect(args.quick, tuple(args.methods), tuple(args.samplers), args.steps, shard, tuple(args.suites))
+        scored = collect(args.quick, tuple(args.methods), tuple(args.samplers), args.steps, shard, tuple(args.suites),
+                         seed_offset=args.seed_offset)
         if args.save:
             with open(args.save, "wb") as f:
                 pickle.dump(scored, f)

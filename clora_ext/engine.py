@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from .attention import AttentionCapture, CaptureRequest, cross_attention_modules, map_size
 from .loss import DEFAULT_TAU, concept_overlap, contrastive_loss
-from .masks import Morphology, fuse, resize_masks, variant_masks
+from .masks import MaskTokens, Morphology, fuse, mask_sources, resize_masks, variant_masks
 from .routing import Delta, Route, RowRouter
 from .tokens import TokenMapSpec
 from .update import LatentSpace, Schedule, apply_update
@@ -105,7 +105,7 @@ def row_groups(model: RowModel, layout: RowLayout) -> list[torch.Tensor]:
 
 def map_structure(specs: Sequence[TokenMapSpec]) -> tuple:
     """What images must share to run in one step: each map's variant, concept and mask flag."""
-    return tuple((s.variant, s.concept, s.mask) for s in specs)
+    return tuple((s.variant, s.concept, s.mask, s.trigger) for s in specs)
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,8 @@ class EngineSettings:
     tau: float = DEFAULT_TAU
     mask_threshold: float = 0.4
     morphology: Morphology = Morphology.NONE
+    # which token maps make each variant's mask (masks.MaskTokens); "paper": its trigger and subject words
+    mask_tokens: MaskTokens = MaskTokens.PAPER
 
 
 @dataclass
@@ -326,7 +328,6 @@ class CLoRAEngine:
         self._token_maps = specs
         self._labels = torch.tensor([s.concept for s in specs], dtype=torch.long)
         self._map_variant = torch.tensor([s.variant for s in specs], dtype=torch.long)
-        self._map_is_mask = torch.tensor([s.mask for s in specs], dtype=torch.bool)
         self._map_position = torch.tensor([[s.position for s in image] for image in per_image], dtype=torch.long)
         self._n_concepts = len(set(self._labels.tolist()))
 
@@ -604,11 +605,10 @@ class CLoRAEngine:
         images = maps.shape[0]
         if not enabled:
             return torch.ones(images, self.n_variants, *latent_hw, device=maps.device)
-        variant_of = self._map_variant.to(maps.device)
-        is_mask = self._map_is_mask.to(maps.device)
+        mask_for = mask_sources(self._token_maps, self.settings.mask_tokens).to(maps.device)
         small = torch.stack(
             [
-                variant_masks(m, variant_of, is_mask, self.n_variants, self.settings.mask_threshold, self.settings.morphology)
+                variant_masks(m, mask_for, self.n_variants, self.settings.mask_threshold, self.settings.morphology)
                 for m in maps
             ]
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,28 +47,63 @@ def morph(masks: torch.Tensor, op: Morphology | str) -> torch.Tensor:
 
 def variant_masks(
     maps: torch.Tensor,
-    variant_of_map: torch.Tensor,
-    mask_map: torch.Tensor,
+    mask_for: torch.Tensor,
     n_variants: int,
     threshold: float,
     morphology: Morphology | str = Morphology.NONE,
 ) -> torch.Tensor:
     """Masks (n_variants, h, w) of one image from its token maps (P, h, w).
 
-    M_k (k >= 1) is the union over V_k's mask tokens of ``A >= threshold * max A``,
-    optionally smoothed by 3x3 morphology; M_0 is set wherever no M_k is.
+    M_k (k >= 1) is the union over the maps with ``mask_for == k`` (which maps those are is the
+    mask-token rule's choice, ``mask_sources``) of ``A >= threshold * max A``, optionally smoothed
+    by 3x3 morphology; M_0 is set wherever no M_k is.
     """
     h, w = maps.shape[-2:]
     peak = maps.flatten(1).max(dim=1).values.clamp_min(torch.finfo(maps.dtype).tiny)
     token_masks = maps >= threshold * peak[:, None, None]
     masks = torch.zeros(n_variants, h, w, dtype=torch.float32, device=maps.device)
     for k in range(1, n_variants):
-        chosen = mask_map & (variant_of_map == k)
+        chosen = mask_for == k
         if chosen.any():
             masks[k] = token_masks[chosen].any(dim=0).float()
     masks[1:] = morph(masks[1:], morphology)
     masks[0] = (masks[1:].sum(dim=0) == 0).float() if n_variants > 1 else 1.0
     return masks
+
+
+class MaskTokens(str, enum.Enum):
+    """Which token maps make variant k's mask.
+
+    - PAPER: V_k's own mask tokens, its trigger words and its subject (the paper's rule);
+    - SUBJECT: V_k's own subject tokens only (trigger words left out);
+    - BASE: the base prompt's maps of subject k;
+    - BASE_SUBJECT: both of the last two.
+    """
+
+    PAPER = "paper"
+    SUBJECT = "subject"
+    BASE = "base"
+    BASE_SUBJECT = "base_subject"
+
+
+def mask_sources(specs: Sequence, rule: MaskTokens | str) -> torch.Tensor:
+    """For each token map of ``specs`` (TokenMapSpec), the variant whose mask it makes under ``rule``, or -1.
+
+    A concept's variant is the one whose own mask tokens are that concept's; the base prompt is variant 0.
+    """
+    rule = MaskTokens(rule)
+    owner = {s.concept: s.variant for s in specs if s.mask}
+    out = []
+    for s in specs:
+        own = s.mask and (rule is MaskTokens.PAPER or not s.trigger)
+        base = s.variant == 0 and s.concept in owner
+        if rule is MaskTokens.PAPER or rule is MaskTokens.SUBJECT:
+            out.append(s.variant if own else -1)
+        elif rule is MaskTokens.BASE:
+            out.append(owner[s.concept] if base else -1)
+        else:
+            out.append(s.variant if own else owner[s.concept] if base else -1)
+    return torch.tensor(out, dtype=torch.long)
 
 
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

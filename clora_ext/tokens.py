@@ -109,6 +109,7 @@ class TokenMapSpec:
     position: int
     concept: int
     mask: bool  # the token belongs to the variant's own mask tokens
+    trigger: bool = False  # one of the trigger words the variant inserted (its own subject's otherwise)
 
 
 def plan_token_maps(
@@ -135,7 +136,8 @@ def plan_token_maps(
         if variant.trigger and variant.concept is not None:
             triggers = find_trigger_spans(text, variant.trigger, composition.content[variant.concept].subject)
             for a, b in triggers:
-                specs.extend(TokenMapSpec(variant.index, p, variant.concept, True) for p in locator.positions(a, b))
+                specs.extend(TokenMapSpec(variant.index, p, variant.concept, True, trigger=True)
+                             for p in locator.positions(a, b))
         for k, concept in enumerate(composition.content):
             own = variant.concept == k
             for span in find_phrase_spans(text, concept.subject):

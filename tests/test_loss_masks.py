@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from clora_ext.loss import concept_overlap, contrastive_loss, minmax_normalise, nt_xent
-from clora_ext.masks import Morphology, fuse, morph, resize_masks, variant_masks
+from clora_ext.masks import MaskTokens, Morphology, fuse, mask_sources, morph, resize_masks, variant_masks
+from clora_ext.tokens import TokenMapSpec
 from tolerance import close
 
 
@@ -62,9 +63,7 @@ def test_masks_are_row_major_not_transposed():
     maps = torch.zeros(2, h, w)
     maps[0, 0, 4] = 1.0  # top-right corner
     maps[1, 2, 0] = 1.0  # bottom-left corner
-    masks = variant_masks(
-        maps, variant_of_map=torch.tensor([1, 2]), mask_map=torch.tensor([True, True]), n_variants=3, threshold=0.5
-    )
+    masks = variant_masks(maps, mask_for=torch.tensor([1, 2]), n_variants=3, threshold=0.5)
     assert masks.shape == (3, h, w)
     assert masks[1, 0, 4] == 1 and masks[1].sum() == 1
     assert masks[2, 2, 0] == 1 and masks[2].sum() == 1
@@ -79,7 +78,7 @@ def test_union_over_tokens_and_threshold():
     maps[0, 0, 0], maps[0, 0, 1] = 1.0, 0.35
     maps[1, 3, 3] = 0.2  # second token of the same variant, weak in absolute terms
     maps[2, 2, 2] = 1.0  # a token that is not a mask token
-    masks = variant_masks(maps, torch.tensor([1, 1, 1]), torch.tensor([True, True, False]), 2, threshold=0.4)
+    masks = variant_masks(maps, torch.tensor([1, 1, -1]), 2, threshold=0.4)
     # 0.35 < 0.4 * 1.0 is out; the second token counts relative to its own peak
     assert masks[1].nonzero().tolist() == [[0, 0], [3, 3]]
 
@@ -110,3 +109,24 @@ def test_morphology():
     holed[0, 3, 3] = 0
     assert morph(holed, Morphology.CLOSE)[0, 3, 3] == 1
     assert torch.equal(morph(m, Morphology.NONE), m)
+
+
+def test_mask_token_rules_pick_the_maps_of_each_variants_mask():
+    """Variants: 0 base, 1 (cat, trigger "sks"), 2 (dog). Maps: base cat, base dog; V_1's trigger,
+    its cat, its dog; V_2's cat, its dog."""
+    specs = [TokenMapSpec(0, 2, 0, False), TokenMapSpec(0, 5, 1, False),
+             TokenMapSpec(1, 2, 0, True, trigger=True), TokenMapSpec(1, 3, 0, True), TokenMapSpec(1, 6, 1, False),
+             TokenMapSpec(2, 2, 0, False), TokenMapSpec(2, 5, 1, True)]
+    rules = {rule: mask_sources(specs, rule).tolist() for rule in MaskTokens}
+    assert rules[MaskTokens.PAPER] == [-1, -1, 1, 1, -1, -1, 2]  # own trigger and subject
+    assert rules[MaskTokens.SUBJECT] == [-1, -1, -1, 1, -1, -1, 2]  # the trigger left out
+    assert rules[MaskTokens.BASE] == [1, 2, -1, -1, -1, -1, -1]  # the base prompt's subject maps
+    assert rules[MaskTokens.BASE_SUBJECT] == [1, 2, -1, 1, -1, -1, 2]
+    # the masks follow: a trigger map that sits on the other object no longer makes V_1's mask
+    maps = torch.zeros(len(specs), 2, 2)
+    maps[:, 0, 0] = 1.0  # everything on the top-left pixel (cat) ...
+    maps[2] = torch.tensor([[0.0, 0.0], [0.0, 1.0]])  # ... but V_1's trigger, on the dog
+    maps[[1, 4, 6]] = torch.tensor([[0.0, 0.0], [0.0, 1.0]])  # and the dog maps
+    paper = variant_masks(maps, torch.tensor(rules[MaskTokens.PAPER]), 3, threshold=0.5)
+    subject = variant_masks(maps, torch.tensor(rules[MaskTokens.SUBJECT]), 3, threshold=0.5)
+    assert paper[1].tolist() == [[1.0, 0.0], [0.0, 1.0]] and subject[1].tolist() == [[1.0, 0.0], [0.0, 0.0]]

@@ -98,8 +98,8 @@ def test_variants_and_groups(tok):
     assert by[(0, 2)].concept == 0 and not by[(0, 2)].mask
     assert by[(0, 5)].concept == 1 and not by[(0, 5)].mask
     # V_1: "a sks cat and a dog": trigger at 2, cat at 3 (mask), dog at 6 (not V_1's mask)
-    assert by[(1, 2)].concept == 0 and by[(1, 2)].mask
-    assert by[(1, 3)].concept == 0 and by[(1, 3)].mask
+    assert by[(1, 2)].concept == 0 and by[(1, 2)].mask and by[(1, 2)].trigger
+    assert by[(1, 3)].concept == 0 and by[(1, 3)].mask and not by[(1, 3)].trigger
     assert by[(1, 6)].concept == 1 and not by[(1, 6)].mask
     # V_2: multi-token trigger "zwx dog style" + subject "dog"; every token is concept 1 and masks V_2
     v2 = sorted(s.position for s in specs if s.variant == 2 and s.mask)
