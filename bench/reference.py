@@ -104,8 +104,8 @@ def generate_reference(
     conds, unet_loras, token_maps = prepare_clora(model, prompt, negative, concepts)
     n_variants = len(unet_loras)
     labels = torch.tensor([s.concept for s in token_maps], dtype=torch.long, device=device)
-    variant_of = torch.tensor([s.variant for s in token_maps], dtype=torch.long, device=device)
-    is_mask = torch.tensor([s.mask for s in token_maps], dtype=torch.bool, device=device)
+    # the paper's rule, written out: a variant's mask is the union of its own mask tokens' maps
+    mask_for = torch.tensor([s.variant if s.mask else -1 for s in token_maps], dtype=torch.long, device=device)
     map_hw = map_size(latent_hw)
     recorder = MapRecorder(map_hw[0] * map_hw[1])
     router = RowRouter(unet)
@@ -162,7 +162,7 @@ def generate_reference(
                 x = update(leaf, maps, scale)
             with torch.no_grad():
                 preds = torch.stack([p.detach() for p in preds])  # (V, 2, C, H, W), stale if updated
-                masks = resize_masks(variant_masks(maps.detach(), variant_of, is_mask, n_variants, mask_threshold), latent_hw)
+                masks = resize_masks(variant_masks(maps.detach(), mask_for, n_variants, mask_threshold), latent_hw)
                 del maps, leaf
                 e_cond = fuse(preds[:, 0], masks)
                 e_uncond = fuse(preds[:, 1], masks)
