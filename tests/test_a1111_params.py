@@ -16,7 +16,7 @@ from clora_ext.a1111.params import (
     to_positional,
 )
 from clora_ext.concepts import Role
-from clora_ext.masks import Morphology
+from clora_ext.masks import MaskTokens, Morphology
 
 TWO = {"concepts": [{"subject": "cat", "lora": "cat_lora", "trigger": "sks"}, {"subject": "dog", "lora": "dog_lora"}]}
 
@@ -43,6 +43,7 @@ def test_defaults_are_the_papers_but_five_refinement_iterations():
     # the paper refines 20 times; 5 measured no worse at 2.8x fewer gradient passes (docs/quality.md)
     assert (a.step_size, a.update_fraction, a.refine_at, a.refine_iterations) == (20.0, 0.5, [0.0, 0.2, 0.4], 5)
     assert (a.mask_threshold, a.morphology, a.mask_start, a.previews) == (0.4, Morphology.NONE, 0.0, False)
+    assert a.mask_tokens is MaskTokens.PAPER
     s = a.engine_settings()
     assert s.step_size == 20.0 and s.schedule.refine_at == (0.0, 0.2, 0.4) and s.mask_threshold == 0.4
     # 50 steps: updates at 0-24, refinement at 0, 10, 20 (Attend-and-Excite's schedule)
@@ -67,13 +68,23 @@ def test_settings_defaults_fill_what_the_request_leaves_out():
 
 def test_positional_round_trip_and_length():
     a = parse_args(
-        [{**TWO, "step_size": 10, "morphology": "open", "refine_at": [0.1], "previews": True, "mask_start": 0.25}]
+        [{**TWO, "step_size": 10, "morphology": "open", "refine_at": [0.1], "previews": True, "mask_start": 0.25,
+          "mask_tokens": "base"}]
     )
+    assert a.engine_settings().mask_tokens is MaskTokens.BASE
     values = to_positional(a)
-    assert len(values) == POSITIONAL_LENGTH == 1 + 8 * 6 + 9
+    assert len(values) == POSITIONAL_LENGTH == 1 + 8 * 6 + 10
+    assert values[-1] == "base"
     assert values[:7] == [True, "cat", "cat_lora", 1.0, 1.0, "sks", "content"]
     assert values[7 + 6 * 6 + 1] == NO_LORA  # an empty row
     assert parse_args(values) == a
+
+
+def test_positional_list_from_before_mask_tokens_still_parses():
+    # clients that send the 58 values of version 0.4 (no mask_tokens) keep working
+    a = parse_args([{**TWO, "morphology": "close", "previews": True}])
+    old = to_positional(a)[:-1]
+    assert parse_args(old) == a and parse_args(old, defaults={"mask_tokens": "subject"}).mask_tokens is MaskTokens.SUBJECT
 
 
 def test_short_positional_list_keeps_defaults():
@@ -111,6 +122,7 @@ def test_role_accepts_values_and_ui_labels():
         ({"refine_iterations": "many"}, "refine_iterations", "an integer from 0 to 100"),
         ({"refine_at": "0, 2"}, "refine_at[1]", "between 0 and 1"),
         ({"morphology": "blur"}, "morphology", "'close'"),
+        ({"mask_tokens": "trigger"}, "mask_tokens", "'base_subject'"),
         ({"mask_threshold": -0.1}, "mask_threshold", "a number from 0 to 1"),
         ({"concepts": [{"subject": "cat", "lora": "a"}] * 9}, "concepts", "at most 8"),
     ],

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - older pydantic 1.10
 from .. import __version__
 from ..concepts import MAX_CONCEPTS, Composition, Concept, Role
 from ..engine import EngineSettings
-from ..masks import Morphology
+from ..masks import MaskTokens, Morphology
 from ..update import Schedule
 
 VERSION = __version__
@@ -88,6 +88,11 @@ class CLoRAArgs(_Strict):
     morphology: Morphology = Field(Morphology.NONE, title="Mask morphology")
     mask_start: float = Field(0.0, title="First step with masks (fraction)", ge=0.0, le=1.0)
     previews: bool = Field(False, title="Previews: attention maps and masks")
+    mask_tokens: MaskTokens = Field(
+        MaskTokens.PAPER, title="Mask words",
+        description="which words' attention maps make each LoRA's mask: paper (its trigger and subject words), "
+        "subject (its subject words only), base (the base prompt's subject words), base_subject (both)",
+    )
 
     @validator("refine_at", pre=True)
     def _parse_fractions(cls, v: Any) -> Any:
@@ -131,6 +136,7 @@ class CLoRAArgs(_Strict):
             refine_tolerance=self.refine_tolerance or None,
             mask_threshold=self.mask_threshold,
             morphology=self.morphology,
+            mask_tokens=self.mask_tokens,
         )
 
     def non_default(self) -> dict:
@@ -177,6 +183,7 @@ SETTING_FIELDS = (
     "morphology",
     "mask_start",
     "previews",
+    "mask_tokens",  # last: positional lists written before it still parse
 )
 POSITIONAL_LENGTH = 1 + MAX_CONCEPTS * len(ROW_FIELDS) + len(SETTING_FIELDS)
 

@@ -7,12 +7,13 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..concepts import MAX_CONCEPTS, Role
-from ..masks import Morphology
+from ..masks import MaskTokens, Morphology
 from . import host, lora_bridge
 from .params import NO_LORA, ROW_FIELDS, SETTING_FIELDS, VERSION, CLoRAArgs, ConceptArgs, ui_value
 from .settings import CATEGORY, MAX_ROWS_KEY, SECTION, option_key, settings_defaults
 
 VISIBLE_ROWS = 2
+ENUM_CHOICES = {"morphology": [m.value for m in Morphology], "mask_tokens": [m.value for m in MaskTokens]}
 
 
 def _component(name: str, value: Any, **kwargs: Any) -> gr.components.Component:
@@ -20,8 +21,10 @@ def _component(name: str, value: Any, **kwargs: Any) -> gr.components.Component:
     field = {**CLoRAArgs.__fields__, **ConceptArgs.__fields__}[name]
     info = field.field_info
     label = info.title or name
-    if name == "morphology":
-        return gr.Dropdown(label=label, choices=[m.value for m in Morphology], value=value, **kwargs)
+    if name in ENUM_CHOICES:
+        if info.description:
+            kwargs["info"] = info.description
+        return gr.Dropdown(label=label, choices=ENUM_CHOICES[name], value=value, **kwargs)
     if name == "role":
         return gr.Dropdown(label=label, choices=[r.label for r in Role], value=value, **kwargs)
     if isinstance(value, bool):
@@ -111,8 +114,8 @@ def register_settings() -> None:
         field = fields[name]
         info = field.field_info
         default = ui_value(name, field.get_default())
-        if name == "morphology":
-            component, args = gr.Dropdown, {"choices": [m.value for m in Morphology]}
+        if name in ENUM_CHOICES:
+            component, args = gr.Dropdown, {"choices": ENUM_CHOICES[name]}
         elif isinstance(default, bool):
             component, args = gr.Checkbox, {}
         elif info.ge is not None and info.le is not None:

@@ -69,6 +69,7 @@ named = st.fixed_dictionaries(
         "morphology": st.one_of(st.sampled_from(["none", "erode", "dilate", "open", "close"]), junk),
         "mask_start": numbers,
         "previews": st.one_of(st.booleans(), junk),
+        "mask_tokens": st.one_of(st.sampled_from(["paper", "subject", "base", "base_subject"]), junk),
         "not_a_field": junk,
     },
 )
