@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from .attention import AttentionCapture, CaptureRequest, cross_attention_modules, map_size
 from .loss import DEFAULT_TAU, concept_overlap, contrastive_loss
-from .masks import MaskTokens, Morphology, fuse, mask_sources, resize_masks, variant_masks
+from .masks import MaskTokens, MaskUpsampling, Morphology, fuse, mask_sources, resize_masks, variant_masks
 from .routing import Delta, Route, RowRouter
 from .tokens import TokenMapSpec
 from .update import LatentSpace, Schedule, apply_update
@@ -135,6 +135,8 @@ class EngineSettings:
     morphology: Morphology = Morphology.NONE
     # which token maps make each variant's mask (masks.MaskTokens); "paper": its trigger and subject words
     mask_tokens: MaskTokens = MaskTokens.PAPER
+    # how the masks grow from the maps' size to the latent's (masks.MaskUpsampling); nearest: the paper's blocks
+    mask_upsampling: MaskUpsampling = MaskUpsampling.NEAREST
 
 
 @dataclass
@@ -612,7 +614,7 @@ class CLoRAEngine:
                 for m in maps
             ]
         )
-        return resize_masks(small, tuple(latent_hw))
+        return resize_masks(small, tuple(latent_hw), self.settings.mask_upsampling)
 
     def _image_losses(self, maps: torch.Tensor) -> torch.Tensor:
         """(B,) contrastive loss of each image's (P, h, w) maps."""

@@ -106,10 +106,27 @@ def mask_sources(specs: Sequence, rule: MaskTokens | str) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of (..., h, w) masks to ``size`` = (H, W)."""
+class MaskUpsampling(str, enum.Enum):
+    """How the masks of the H/32 maps grow to the latent's size.
+
+    - NEAREST: blocks of the map's cells (hard seams between variants);
+    - BILINEAR: soft edges one cell wide. Interpolation is linear, so the masks still
+      sum to at least 1 at every pixel and ``fuse`` normalises them as before.
+    """
+
+    NEAREST = "nearest"
+    BILINEAR = "bilinear"
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int],
+                 upsampling: MaskUpsampling | str = MaskUpsampling.NEAREST) -> torch.Tensor:
+    """Resize (..., h, w) masks to ``size`` = (H, W)."""
     shape = masks.shape
-    m = F.interpolate(masks.reshape(-1, 1, *shape[-2:]).float(), size=size, mode="nearest")
+    flat = masks.reshape(-1, 1, *shape[-2:]).float()
+    if MaskUpsampling(upsampling) is MaskUpsampling.BILINEAR:
+        m = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    else:
+        m = F.interpolate(flat, size=size, mode="nearest")
     return m.reshape(*shape[:-2], *size)
 
 

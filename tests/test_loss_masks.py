@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clora_ext.loss import concept_overlap, contrastive_loss, minmax_normalise, nt_xent
-from clora_ext.masks import MaskTokens, Morphology, fuse, mask_sources, morph, resize_masks, variant_masks
+from clora_ext.masks import MaskTokens, MaskUpsampling, Morphology, fuse, mask_sources, morph, resize_masks, variant_masks
 from clora_ext.tokens import TokenMapSpec
 from tolerance import close
 
@@ -71,6 +71,22 @@ def test_masks_are_row_major_not_transposed():
     big = resize_masks(masks, (12, 20))
     assert big.shape == (3, 12, 20)
     assert big[1, :4, 16:].eq(1).all() and big[1].sum() == 16
+
+
+def test_bilinear_masks_have_soft_edges_and_still_cover_every_pixel():
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(4, 8, 8, generator=gen)
+    masks = variant_masks(maps, torch.tensor([1, 1, 2, 2]), 3, threshold=0.6)
+    hard = resize_masks(masks, (32, 32))
+    soft = resize_masks(masks, (32, 32), MaskUpsampling.BILINEAR)
+    assert soft.min() >= 0 and soft.max() <= 1
+    assert ((soft > 0) & (soft < 1)).any() and not ((hard > 0) & (hard < 1)).any()
+    assert soft.sum(0).min() >= 1 - 1e-6  # fuse never meets an uncovered pixel
+    # away from the edges the two agree: the cells' centres (4x4 blocks, centre pixels 1-2)
+    centres = soft[:, 1::4, 1::4] + soft[:, 2::4, 2::4]
+    inside = (masks == masks.roll(1, -1)) & (masks == masks.roll(-1, -1)) & (masks == masks.roll(1, -2)) & (masks == masks.roll(-1, -2))
+    assert torch.equal(((centres / 2)[inside]).round(), masks[inside])
+    assert torch.equal(resize_masks(torch.ones(2, 3, 3), (12, 12), "bilinear"), torch.ones(2, 12, 12))
 
 
 def test_union_over_tokens_and_threshold():
