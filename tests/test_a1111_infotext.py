@@ -17,6 +17,7 @@ ARGS = {
     "refine_at": [0.0, 0.3],
     "morphology": "close",
     "mask_tokens": "base_subject",
+    "mask_upsampling": "bilinear",
 }
 
 
@@ -28,7 +29,7 @@ def _host_quote(text: str) -> str:
 def test_entry_holds_version_and_only_non_default_values():
     entry = json.loads(infotext.dump(parse_args([ARGS])))
     assert entry["version"] == VERSION
-    assert set(entry) == {"version", "concepts", "step_size", "refine_at", "morphology", "mask_tokens"}
+    assert set(entry) == {"version", "concepts", "step_size", "refine_at", "morphology", "mask_tokens", "mask_upsampling"}
     assert entry["concepts"][0] == {"subject": "cat", "lora": "cat_lora", "weight": 0.8, "trigger": "sks, fluffy"}
     assert entry["concepts"][1] == {"subject": "dog", "lora": "dog_lora", "te_weight": 0.0}
     assert entry["concepts"][2]["role"] == "style_subjects"

@@ -16,7 +16,7 @@ from clora_ext.a1111.params import (
     to_positional,
 )
 from clora_ext.concepts import Role
-from clora_ext.masks import MaskTokens, Morphology
+from clora_ext.masks import MaskTokens, MaskUpsampling, Morphology
 
 TWO = {"concepts": [{"subject": "cat", "lora": "cat_lora", "trigger": "sks"}, {"subject": "dog", "lora": "dog_lora"}]}
 
@@ -69,21 +69,22 @@ def test_settings_defaults_fill_what_the_request_leaves_out():
 def test_positional_round_trip_and_length():
     a = parse_args(
         [{**TWO, "step_size": 10, "morphology": "open", "refine_at": [0.1], "previews": True, "mask_start": 0.25,
-          "mask_tokens": "base"}]
+          "mask_tokens": "base", "mask_upsampling": "bilinear"}]
     )
     assert a.engine_settings().mask_tokens is MaskTokens.BASE
+    assert a.engine_settings().mask_upsampling is MaskUpsampling.BILINEAR
     values = to_positional(a)
-    assert len(values) == POSITIONAL_LENGTH == 1 + 8 * 6 + 10
-    assert values[-1] == "base"
+    assert len(values) == POSITIONAL_LENGTH == 1 + 8 * 6 + 11
+    assert values[-2:] == ["base", "bilinear"]
     assert values[:7] == [True, "cat", "cat_lora", 1.0, 1.0, "sks", "content"]
     assert values[7 + 6 * 6 + 1] == NO_LORA  # an empty row
     assert parse_args(values) == a
 
 
 def test_positional_list_from_before_mask_tokens_still_parses():
-    # clients that send the 58 values of version 0.4 (no mask_tokens) keep working
+    # clients that send the 58 values of version 0.4 (no mask_tokens, no mask_upsampling) keep working
     a = parse_args([{**TWO, "morphology": "close", "previews": True}])
-    old = to_positional(a)[:-1]
+    old = to_positional(a)[:-2]
     assert parse_args(old) == a and parse_args(old, defaults={"mask_tokens": "subject"}).mask_tokens is MaskTokens.SUBJECT
 
 
@@ -123,6 +124,7 @@ def test_role_accepts_values_and_ui_labels():
         ({"refine_at": "0, 2"}, "refine_at[1]", "between 0 and 1"),
         ({"morphology": "blur"}, "morphology", "'close'"),
         ({"mask_tokens": "trigger"}, "mask_tokens", "'base_subject'"),
+        ({"mask_upsampling": "bicubic"}, "mask_upsampling", "'bilinear'"),
         ({"mask_threshold": -0.1}, "mask_threshold", "a number from 0 to 1"),
         ({"concepts": [{"subject": "cat", "lora": "a"}] * 9}, "concepts", "at most 8"),
     ],

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - older pydantic 1.10
 from .. import __version__
 from ..concepts import MAX_CONCEPTS, Composition, Concept, Role
 from ..engine import EngineSettings
-from ..masks import MaskTokens, Morphology
+from ..masks import MaskTokens, MaskUpsampling, Morphology
 from ..update import Schedule
 
 VERSION = __version__
@@ -93,6 +93,10 @@ class CLoRAArgs(_Strict):
         description="which words' attention maps make each LoRA's mask: paper (its trigger and subject words), "
         "subject (its subject words only), base (the base prompt's subject words), base_subject (both)",
     )
+    mask_upsampling: MaskUpsampling = Field(
+        MaskUpsampling.NEAREST, title="Mask edges",
+        description="how the masks grow to the image's size: nearest (hard blocks, the paper's) or bilinear (soft edges)",
+    )
 
     @validator("refine_at", pre=True)
     def _parse_fractions(cls, v: Any) -> Any:
@@ -137,6 +141,7 @@ class CLoRAArgs(_Strict):
             mask_threshold=self.mask_threshold,
             morphology=self.morphology,
             mask_tokens=self.mask_tokens,
+            mask_upsampling=self.mask_upsampling,
         )
 
     def non_default(self) -> dict:
@@ -183,7 +188,9 @@ SETTING_FIELDS = (
     "morphology",
     "mask_start",
     "previews",
-    "mask_tokens",  # last: positional lists written before it still parse
+    # added since 0.4.0, at the end: positional lists written before them still parse
+    "mask_tokens",
+    "mask_upsampling",
 )
 POSITIONAL_LENGTH = 1 + MAX_CONCEPTS * len(ROW_FIELDS) + len(SETTING_FIELDS)
 

@@ -7,13 +7,14 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..concepts import MAX_CONCEPTS, Role
-from ..masks import MaskTokens, Morphology
+from ..masks import MaskTokens, MaskUpsampling, Morphology
 from . import host, lora_bridge
 from .params import NO_LORA, ROW_FIELDS, SETTING_FIELDS, VERSION, CLoRAArgs, ConceptArgs, ui_value
 from .settings import CATEGORY, MAX_ROWS_KEY, SECTION, option_key, settings_defaults
 
 VISIBLE_ROWS = 2
-ENUM_CHOICES = {"morphology": [m.value for m in Morphology], "mask_tokens": [m.value for m in MaskTokens]}
+ENUM_CHOICES = {"morphology": [m.value for m in Morphology], "mask_tokens": [m.value for m in MaskTokens],
+                "mask_upsampling": [m.value for m in MaskUpsampling]}
 
 
 def _component(name: str, value: Any, **kwargs: Any) -> gr.components.Component:
