@@ -1,7 +1,9 @@
-"""Composition quality in the miniature world: ``.venv/bin/python -m bench.quality [--quick] [--json PATH]``.
+"""Composition quality in the miniature world: ``.venv/bin/python -m bench.quality [--quick] [--world NAME] [--json PATH]``.
 
-Every method renders the same prompts at the same seeds with the committed miniature
-world (``miniworld/weights``), and the pixel oracle judges each picture:
+Every method renders the same prompts at the same seeds with a committed miniature
+world (``--world``: ``shapes``, world 1 in ``miniworld/weights``, by default; ``relations``,
+world 2 in ``miniworld/weights/relations``, whose prompts name spatial relations), and the
+pixel oracle judges each picture:
 
 * ``plain``: no LoRA; ``merge``: every LoRA merged at weight 1, every trigger in the
   prompt (what users do without CLoRA);
@@ -15,7 +17,8 @@ Suites: ``two`` (2 content LoRAs), ``three`` (3 content LoRAs), ``style`` (2 con
 LoRAs and the grain style LoRA, global and attached to one subject). Samplers: Euler
 and DDIM. Per method: ``success`` (every subject present once, in its own LoRA's
 colour and in no other's), ``bleed``, ``omission``, ``duplicate``, ``style_ok`` (style
-suite), ``mask_iou`` (CLoRA masks of the last step vs the oracle's objects),
+suite), ``grain_background`` (the oracle finds the background grainy: the style's reach,
+or noise left behind), ``mask_iou`` (CLoRA masks of the last step vs the oracle's objects),
 ``seconds_per_image``, ``gradient_passes`` (mean per image) and ``n``, each rate with
 a 95 % Wilson interval.
 """
@@ -38,19 +41,23 @@ import torch
 from PIL import Image, ImageDraw
 
 from clora_ext.engine import EngineSettings
-from clora_ext.masks import MaskTokens, Morphology
+from clora_ext.masks import MaskTokens, MaskUpsampling, Morphology
 from clora_ext.update import Schedule
 from miniworld.compose import Result, Task, run, score
-from miniworld.evaluate import summarise as summarise_results
-from miniworld.loras import BY_SHAPE, STYLE
+from miniworld.evaluate import summarise as summarise_results, wilson
 from miniworld.model import load_model
+from miniworld.oracle import is_grainy
+from miniworld.scenes import join_phrases
+from miniworld.worlds import DEFAULT, WORLDS, CaptionStyle, World, get_world
 
 from .reference import generate_reference
 
 METHODS = ("plain", "merge", "fusion_only", "update_only", "clora_paper", "clora_default")
 # on request: the shipped defaults with another mask-token rule (masks.MaskTokens): the maps each
 # variant's mask is made of
-MASK_METHODS = tuple(f"clora_masks_{rule.value}" for rule in MaskTokens if rule is not MaskTokens.PAPER)
+MASK_METHODS = tuple(f"clora_masks_{rule.value}" for rule in MaskTokens)
+# soft (bilinear) mask edges instead of the paper's blocks, without and with the latent update
+SOFT_METHODS = ("fusion_only_bilinear", "clora_masks_subject_bilinear")
 # on request: the reference implementation's per-step computation (bench.reference: stale maps and
 # prediction after an update, maps averaged over cond and uncond rows), paper settings, Euler only
 REFERENCE = "clora_reference"
@@ -61,7 +68,8 @@ SAMPLERS = ("euler", "ddim")
 # refinement at 0 %, 20 %, 40 %), a fixed 20 refinement iterations, alpha 20, lambda 0.4.
 PAPER_SETTINGS = EngineSettings(step_size=20.0, schedule=Schedule(update_fraction=0.5, refine_at=(0.0, 0.2, 0.4),
                                                                   refine_iterations=20, mask_start=0.0),
-                                refine_tolerance=None, mask_threshold=0.4, morphology=Morphology.NONE)
+                                refine_tolerance=None, mask_threshold=0.4, morphology=Morphology.NONE,
+                                mask_tokens=MaskTokens.PAPER, mask_upsampling=MaskUpsampling.NEAREST)
 
 
 def method_settings(method: str) -> tuple[str, EngineSettings]:
@@ -77,26 +85,40 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
         REFERENCE: (REFERENCE, paper),
         **{f"clora_masks_{rule.value}": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=rule))
            for rule in MaskTokens},
+        "fusion_only_bilinear": ("fusion_only", dataclasses.replace(paper, mask_upsampling=MaskUpsampling.BILINEAR)),
+        "clora_masks_subject_bilinear": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT,
+                                                                      mask_upsampling=MaskUpsampling.BILINEAR)),
     }[method]
 
 
-def _prompt(shapes: Iterable[str]) -> str:
-    phrases = [f"a {s}" for s in shapes]
-    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+def _prompt(shapes: Iterable[str], relations: list[str | None] | None = None) -> str:
+    """"a circle, a square and a triangle"; with ``relations``, "a circle left of a square and a triangle"."""
+    return join_phrases([f"a {s}" for s in shapes], relations)
 
 
-def suites(quick: bool, seed_offset: int = 0) -> dict[str, list[tuple[Task, int]]]:
+# World 2's prompts: the relation joining each pair of subjects, one entry per task of the suite
+# (every word of the world's captions used; the layout the sampler draws is free, so these need not come true)
+TWO_RELATIONS = (["left of"], ["next to"], ["below"], ["above"], ["right of"], ["next to"])
+THREE_RELATIONS = (["left of", None], [None, "above"], ["next to", None])
+
+
+def suites(quick: bool, seed_offset: int = 0, world: World = DEFAULT) -> dict[str, list[tuple[Task, int]]]:
     """(task, seed) pairs per suite. Full: 72 / 36 / 32 images per method and suite over both samplers.
-    ``seed_offset``: seeds from there on instead of 0 (settings chosen on seeds 0-5 are reported on others)."""
+    ``seed_offset``: seeds from there on instead of 0 (settings chosen on seeds 0-5 are reported on others).
+    ``world``: its LoRAs; in a world of relation captions the two- and three-LoRA prompts name relations."""
+    by_shape, style_lora = world.by_shape, world.style.name
+    relational = world.caption_style is CaptionStyle.RELATIONS
     pairs = [("circle", "square"), ("circle", "triangle"), ("square", "triangle")]
-    two = [Task(_prompt(order), tuple(BY_SHAPE[s].name for s in order)) for p in pairs for order in (p, p[::-1])]
-    three = [Task(_prompt(order), tuple(BY_SHAPE[s].name for s in order))
-             for order in list(permutations(("circle", "square", "triangle")))[:3]]
+    orders = [order for p in pairs for order in (p, p[::-1])]
+    two = [Task(_prompt(order, TWO_RELATIONS[k] if relational else None), tuple(by_shape[s].name for s in order))
+           for k, order in enumerate(orders)]
+    three = [Task(_prompt(order, THREE_RELATIONS[k] if relational else None), tuple(by_shape[s].name for s in order))
+             for k, order in enumerate(list(permutations(("circle", "square", "triangle")))[:3])]
     style = []
     for a, b in pairs[:2]:
-        content = (BY_SHAPE[a].name, BY_SHAPE[b].name)
-        style.append(Task(_prompt((a, b)), content, style=STYLE.name))
-        style.append(Task(_prompt((a, b)), content, style=STYLE.name, style_subjects=(a,)))
+        content = (by_shape[a].name, by_shape[b].name)
+        style.append(Task(_prompt((a, b)), content, style=style_lora))
+        style.append(Task(_prompt((a, b)), content, style=style_lora, style_subjects=(a,)))
     o = seed_offset
     if quick:
         return {"two": [(two[0], o + s) for s in range(2)], "three": [(three[0], o)], "style": [(style[1], o)]}
@@ -112,10 +134,14 @@ class Scored:
     suite: str
     sampler: str
     item: int = 0  # position in the run's (suite, task, seed) order, for merging shards
+    world: str = DEFAULT.name  # pickles from before worlds read as world 1
 
 
 def summarise(scored: list[Scored]) -> dict:
     out = summarise_results([s.result for s in scored])
+    grainy = sum(is_grainy(s.result.analysis.background_grain) for s in scored)
+    out["grain_background"] = round(grainy / len(scored), 3)
+    out["grain_background_ci"] = list(wilson(grainy, len(scored)))
     out["seconds_per_image"] = round(float(np.mean([s.seconds for s in scored])), 3)
     out["gradient_passes"] = round(float(np.mean([s.result.gradient_passes for s in scored])), 1)
     return out
@@ -139,16 +165,17 @@ def paired(differences: list[float]) -> dict:
 
 def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: tuple[str, ...] = SAMPLERS,
             steps: int = 20, shard: tuple[int, int] = (1, 1), only: tuple[str, ...] = (),
-            log=print, seed_offset: int = 0) -> dict[str, list[Scored]]:
-    """Render and judge every (suite, task, seed) item of ``shard`` = (i, n): items i-1, i-1+n, ...
+            log=print, seed_offset: int = 0, world: World = DEFAULT) -> dict[str, list[Scored]]:
+    """Render and judge every (suite, task, seed) item of ``shard`` = (i, n): items i-1, i-1+n, ...,
+    with ``world``'s model, LoRAs and prompts.
 
     A method whose settings equal an earlier method's (``clora_default`` and ``clora_paper``
     when the defaults are the paper's) shares that method's pictures instead of rendering
     the same ones again.
     """
     torch.set_flush_denormal(True)
-    model = load_model()
-    items = [(suite, task, seed) for suite, pairs in suites(quick, seed_offset).items() for task, seed in pairs]
+    model = load_model(world=world)
+    items = [(suite, task, seed) for suite, pairs in suites(quick, seed_offset, world).items() for task, seed in pairs]
     scored: dict[str, list[Scored]] = {m: [] for m in methods}
     for k, (suite, task, seed) in enumerate(items):
         if k % shard[1] != shard[0] - 1 or (only and suite not in only):
@@ -168,7 +195,7 @@ def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: t
                     else:
                         result = run(model, task, how, seed, steps=steps, sampler=sampler, settings=settings,
                                      concepts=concepts)
-                    done[key] = Scored(result, time.perf_counter() - t0, suite, sampler, k)
+                    done[key] = Scored(result, time.perf_counter() - t0, suite, sampler, k, world.name)
                 scored[method].append(dataclasses.replace(done[key]))
         log(f"{suite} item {k + 1}/{len(items)} done")
     return scored
@@ -198,11 +225,14 @@ def build_report(scored: dict[str, list[Scored]], quick: bool, steps: int) -> di
     methods = list(scored)
     samplers = sorted({s.sampler for v in scored.values() for s in v}, key=SAMPLERS.index)
     suite_names = list(dict.fromkeys(s.suite for s in next(iter(scored.values()))))
+    worlds = {s.world for v in scored.values() for s in v}
+    if len(worlds) != 1:
+        raise ValueError(f"pictures of several worlds in one report: {sorted(worlds)}")
     report = {
         "methods": {m: summarise(s) for m, s in scored.items()},
         "suites": {suite: _summaries(scored, lambda s: s.suite == suite) for suite in suite_names},
         "samplers": {sampler: _summaries(scored, lambda s: s.sampler == sampler) for sampler in samplers},
-        "settings": {"quick": quick, "steps": steps, "samplers": samplers, "cfg_scale": 5.0,
+        "settings": {"world": worlds.pop(), "quick": quick, "steps": steps, "samplers": samplers, "cfg_scale": 5.0,
                      "methods": {m: _describe(m) for m in methods},
                      "defaults_are_the_papers": method_settings("clora_default") == method_settings("clora_paper"),
                      "images_per_method": {suite: sum(s.suite == suite for s in next(iter(scored.values())))
@@ -227,8 +257,8 @@ def build_report(scored: dict[str, list[Scored]], quick: bool, steps: int) -> di
 
 
 def run_quality(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: tuple[str, ...] = SAMPLERS,
-                steps: int = 20, log=print) -> tuple[dict, dict[str, list[Scored]]]:
-    scored = collect(quick, methods, samplers, steps, log=log)
+                steps: int = 20, log=print, world: World = DEFAULT) -> tuple[dict, dict[str, list[Scored]]]:
+    scored = collect(quick, methods, samplers, steps, log=log, world=world)
     return build_report(scored, quick, steps), scored
 
 
@@ -240,7 +270,7 @@ def _describe(method: str) -> dict:
             "refine_tolerance": s.refine_tolerance, "update_fraction": s.schedule.update_fraction,
             "refine_at": list(s.schedule.refine_at), "mask_threshold": s.mask_threshold,
             "morphology": s.morphology.value, "mask_start": s.schedule.mask_start,
-            "mask_tokens": MaskTokens(s.mask_tokens).value}
+            "mask_tokens": MaskTokens(s.mask_tokens).value, "mask_upsampling": MaskUpsampling(s.mask_upsampling).value}
 
 
 def format_table(report: dict) -> str:
@@ -289,9 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few images per suite (under 5 minutes on 2 cores)")
+    parser.add_argument("--world", choices=sorted(WORLDS), default=DEFAULT.name,
+                        help="the miniature world: its model, LoRAs and prompts (default: world 1)")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--grid", help="write the methods x seeds picture grid here (PNG)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS + (REFERENCE,) + MASK_METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS + (REFERENCE,) + MASK_METHODS + SOFT_METHODS, default=list(METHODS))
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed-offset", type=int, default=0,
@@ -312,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         shard = tuple(int(v) for v in args.shard.split("/"))
         scored = collect(args.quick, tuple(args.methods), tuple(args.samplers), args.steps, shard, tuple(args.suites),
-                         seed_offset=args.seed_offset)
+                         seed_offset=args.seed_offset, world=get_world(args.world))
         if args.save:
             with open(args.save, "wb") as f:
                 pickle.dump(scored, f)

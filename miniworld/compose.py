@@ -21,9 +21,10 @@ from clora_ext.devtools.pipeline import ConceptLoRA, TinySD, generate
 from clora_ext.engine import CLoRAEngine, EngineSettings
 from clora_ext.routing import merged
 
-from .loras import LORAS, concept
+from .loras import concept
 from .oracle import Analysis, Subject, analyse, is_grainy, judge
 from .scenes import to_image
+from .worlds import lora_spec
 
 METHODS = ("plain", "merge", "fusion_only", "clora")
 
@@ -38,7 +39,7 @@ class Task:
     style_subjects: tuple[str, ...] = ()  # empty: a global style
 
     def subjects(self) -> list[Subject]:
-        return [LORAS[name].subject() for name in self.content]
+        return [lora_spec(name).subject() for name in self.content]
 
     def concepts(self, model: TinySD) -> list[ConceptLoRA]:
         out = [concept(model, name) for name in self.content]
@@ -141,6 +142,6 @@ def style_ok(analysis: Analysis, task: Task) -> bool:
     """Global style: the background is grainy. Attached style: the attached subjects are grainy and the others not."""
     if not task.style_subjects:
         return is_grainy(analysis.background_grain)
-    attached = {LORAS[n].shape for n in task.content if LORAS[n].shape in task.style_subjects}
+    attached = {lora_spec(n).shape for n in task.content if lora_spec(n).shape in task.style_subjects}
     grains = {o.shape: is_grainy(o.grain) for o in analysis.objects}
-    return all(grains.get(s, False) == (s in attached) for s in (LORAS[n].shape for n in task.content))
+    return all(grains.get(s, False) == (s in attached) for s in (lora_spec(n).shape for n in task.content))

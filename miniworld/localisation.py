@@ -21,6 +21,7 @@ from clora_ext.devtools.pipeline import TinySD
 
 from .scenes import random_scene
 from .training import make_batch
+from .worlds import DEFAULT, World
 
 HELD_OUT_SEED = 1_000_003
 TIMESTEPS = (100, 300, 500, 700, 900)
@@ -42,8 +43,10 @@ def map_scores(maps: torch.Tensor, own: torch.Tensor, other: torch.Tensor) -> tu
 
 
 @torch.no_grad()
-def localisation(model: TinySD, n_scenes: int = 128, seed: int = HELD_OUT_SEED, batch: int = 32) -> dict:
-    """``{"own_object_rate", "mask_iou", "n_maps", "per_timestep": {t: {...}}}`` over held-out scenes."""
+def localisation(model: TinySD, n_scenes: int = 128, seed: int = HELD_OUT_SEED, batch: int = 32,
+                 world: World = DEFAULT) -> dict:
+    """``{"own_object_rate", "mask_iou", "n_maps", "per_timestep": {t: {...}}}`` over held-out scenes,
+    captioned in ``world``'s style."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     scenes = [random_scene(rng, n_objects=2, p_unnamed=0.0) for _ in range(n_scenes)]
@@ -53,7 +56,7 @@ def localisation(model: TinySD, n_scenes: int = 128, seed: int = HELD_OUT_SEED, 
     with capture.installed():
         for start in range(0, n_scenes, batch):
             chunk = scenes[start : start + batch]
-            data = make_batch(chunk, [s.caption() for s in chunk], rng)
+            data = make_batch(chunk, [world.caption(s, rng) for s in chunk], rng)
             context = model.text_encoder(input_ids=data.ids).last_hidden_state
             rows = torch.tensor([b for b, pos in enumerate(data.noun_positions) for _ in pos])
             cols = torch.tensor([p for pos in data.noun_positions for p in pos])

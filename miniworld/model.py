@@ -16,9 +16,11 @@ background and object colours following the seed). Here a group keeps 8 channels
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import tempfile
 from typing import Any
 
 import torch
@@ -28,8 +30,10 @@ from torch import nn
 from clora_ext.devtools.pipeline import TinySD
 from clora_ext.devtools.tiny_sd import tiny_text_config
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-MANIFEST = os.path.join(WEIGHTS_DIR, "manifest.json")
+from .worlds import DEFAULT, World
+
+WEIGHTS_DIR = DEFAULT.weights_dir  # world 1's; other worlds keep theirs in a folder below it
+MANIFEST = DEFAULT.manifest
 
 TEXT_WIDTH = 64
 
@@ -88,11 +92,11 @@ def save_model(unet: nn.Module, text_encoder: nn.Module, path: str) -> None:
     save_file(tensors, path)
 
 
-def load_model(path: str | None = None, device: str | torch.device = "cpu") -> TinySD:
-    """The trained model (fp32, eval mode) as the harness's ``TinySD``."""
-    path = path or os.path.join(WEIGHTS_DIR, "base.safetensors")
+def load_model(path: str | None = None, device: str | torch.device = "cpu", world: World = DEFAULT) -> TinySD:
+    """The trained model (fp32, eval mode) as the harness's ``TinySD``: ``path``, else ``world``'s base model."""
+    path = path or world.base_path
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing; train it with `python -m miniworld.train_base`")
+        raise FileNotFoundError(f"{path} is missing; train it with `python -m miniworld.train_base --world {world.name}`")
     tensors = load_file(path)
     unet, te = build_unet(), build_text_encoder()
     unet.load_state_dict({k[5:]: v.float() for k, v in tensors.items() if k.startswith("unet.")})
@@ -110,16 +114,19 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def read_manifest() -> dict:
-    with open(MANIFEST) as f:
+def read_manifest(world: World = DEFAULT) -> dict:
+    with open(world.manifest) as f:
         return json.load(f)
 
 
-def update_manifest(section: str, entry: dict) -> None:
-    """Set one section of ``weights/manifest.json`` (base, a LoRA, or figures)."""
-    data = read_manifest() if os.path.exists(MANIFEST) else {}
-    data[section] = entry
-    os.makedirs(WEIGHTS_DIR, exist_ok=True)
-    with open(MANIFEST, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+def update_manifest(section: str, entry: dict, world: World = DEFAULT) -> None:
+    """Set one section of the world's ``manifest.json`` (base, a LoRA, or figures)."""
+    os.makedirs(world.weights_dir, exist_ok=True)
+    # LoRAs train two at a time: a lock keeps one run's read-modify-write from dropping the other's section
+    with open(os.path.join(tempfile.gettempdir(), f"miniworld-{world.name}-manifest.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = read_manifest(world) if os.path.exists(world.manifest) else {}
+        data[section] = entry
+        with open(world.manifest, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")

@@ -55,15 +55,64 @@ class Scene:
 
     def caption(self, words: dict[str, str] | None = None, suffix: str = "") -> str:
         """SD-style caption: "a red circle and a square". ``words`` maps a shape to the words before it."""
-        phrases = []
-        for i in self.order or range(len(self.objects)):
-            o = self.objects[i]
-            lead = (words or {}).get(o.shape)
-            if lead is None:
-                lead = o.colour if o.named_colour else ""
-            phrases.append(f"a {lead} {o.shape}".replace("  ", " "))
-        text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-        return text + suffix
+        return join_phrases([self.phrase(o, words) for o in self.ordered()]) + suffix
+
+    def ordered(self) -> list[SceneObject]:
+        """The objects in caption order."""
+        return [self.objects[i] for i in self.order or range(len(self.objects))]
+
+    @staticmethod
+    def phrase(o: SceneObject, words: dict[str, str] | None = None) -> str:
+        """"a red circle", "a circle" (colour unnamed) or "a sks circle" (``words`` for the shape)."""
+        lead = (words or {}).get(o.shape)
+        if lead is None:
+            lead = o.colour if o.named_colour else ""
+        return f"a {lead} {o.shape}".replace("  ", " ")
+
+
+def join_phrases(phrases: list[str], connectives: list[str | None] | None = None) -> str:
+    """Phrases joined as a list ("A, B and C"); ``connectives[i]`` (a relation such as "left of") joins
+    phrases i and i + 1 instead where it is not None."""
+    text = phrases[0]
+    for i, phrase in enumerate(phrases[1:]):
+        relation = connectives[i] if connectives else None
+        if relation:
+            text += f" {relation} {phrase}"
+        else:
+            text += (" and " if i == len(phrases) - 2 else ", ") + phrase
+    return text
+
+
+#: Spatial relations of world 2's captions ("a circle left of a square"); y grows downwards.
+RELATION_WORDS = ("next to", "left of", "right of", "above", "below")
+
+
+def true_relations(a: SceneObject, b: SceneObject) -> list[str]:
+    """The directional relations of ``a`` to ``b`` that are clearly true: only on an axis where their
+    extents do not overlap (centres further apart than the two half extents). Never "next to"."""
+    out = []
+    dx, dy = b.cx - a.cx, b.cy - a.cy
+    if abs(dx) > a.r + b.r:
+        out.append("left of" if dx > 0 else "right of")
+    if abs(dy) > a.r + b.r:
+        out.append("above" if dy > 0 else "below")
+    return out
+
+
+def relation_caption(scene: Scene, rng: np.random.Generator, words: dict[str, str] | None = None,
+                     suffix: str = "", p_relation: float = 0.5) -> str:
+    """World 2's caption: the list caption, where each pair of neighbouring phrases is joined, with
+    probability ``p_relation``, by a relation true of the layout ("next to" or one of
+    ``true_relations``) instead of ", " / " and ": "a red circle left of a square and a triangle"."""
+    objects = scene.ordered()
+    connectives: list[str | None] = []
+    for a, b in zip(objects, objects[1:]):
+        if rng.random() < p_relation:
+            choices = ["next to", *true_relations(a, b)]
+            connectives.append(choices[int(rng.integers(len(choices)))])
+        else:
+            connectives.append(None)
+    return join_phrases([Scene.phrase(o, words) for o in objects], connectives) + suffix
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = SIZE) -> np.ndarray:

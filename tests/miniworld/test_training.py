@@ -76,3 +76,51 @@ def test_grounding_loss_is_zero_on_the_footprint_and_grows_off_it():
     elsewhere[0, 5:7, 5:7] = 1
     assert float(train_base.grounding_loss(uniform, target)) == pytest.approx(np.log(16), rel=1e-4)
     assert float(train_base.grounding_loss(elsewhere + 1e-3, target)) > float(train_base.grounding_loss(uniform, target))
+
+
+def test_world2_training_uses_its_captions_and_trains_its_loras(tmp_path):
+    from miniworld.worlds import RELATIONS
+
+    base = tmp_path / "base.safetensors"
+    result = train_base.train(steps=2, batch=4, lr=1e-3, grounding=0.1, seed=RELATIONS.base_seed, threads=None,
+                              out=str(base), evaluate=False, quiet=True, world=RELATIONS)
+    assert result["config"]["world"] == "relations" and result["config"]["caption_style"] == "relations"
+    out = tmp_path / "square_qwrtz.safetensors"
+    lora = train_lora.train("square_qwrtz", steps=2, batch=2, lr=1e-3, rank=4, seed=1, threads=None, out=str(out),
+                            base=str(base), quiet=True, world=RELATIONS)
+    assert lora["world"] == "relations" and lora["teaches"]["trigger_tokens"] == ["q", "wr", "tz</w>"]
+    assert read_lora_file(out).format == "kohya"
+    with pytest.raises(KeyError):  # a world-1 LoRA is not world 2's
+        train_lora.train("circle_sks", steps=1, batch=1, lr=1e-3, rank=4, seed=1, threads=None, out=str(out),
+                         base=str(base), quiet=True, world=RELATIONS)
+    rng = np.random.default_rng(0)
+    spec = RELATIONS.lora_specs["triangle_kvx"]
+    assert all(train_lora.training_scene(spec, rng, RELATIONS)[1] == "a kvx triangle" for _ in range(5))
+    style = [train_lora.training_scene(RELATIONS.style, rng, RELATIONS)[1] for _ in range(20)]
+    assert all(c.endswith(", speckled") for c in style)
+
+
+def test_base_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    from miniworld.worlds import RELATIONS
+
+    kwargs = dict(steps=4, batch=4, lr=1e-3, grounding=0.1, seed=1, threads=None, evaluate=False, quiet=True,
+                  world=RELATIONS)
+    straight = train_base.train(out=str(tmp_path / "a.safetensors"), **kwargs)
+    checkpoint = str(tmp_path / "run.ckpt")
+    calls = []
+    loss = train_base.diffusion_loss
+
+    def stopping(*args, **kw):  # the run stops in its fourth step, after the checkpoint of step 2
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return loss(*args, **kw)
+
+    monkeypatch.setattr(train_base, "diffusion_loss", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        train_base.train(out=str(tmp_path / "b.safetensors"), checkpoint=checkpoint, checkpoint_every=2, **kwargs)
+    monkeypatch.setattr(train_base, "diffusion_loss", loss)
+    resumed = train_base.train(out=str(tmp_path / "b.safetensors"), checkpoint=checkpoint, checkpoint_every=2, **kwargs)
+    assert resumed["sha256"] == straight["sha256"]
+    assert [{k: v for k, v in p.items() if k != "seconds"} for p in resumed["loss_curve"]] == \
+        [{k: v for k, v in p.items() if k != "seconds"} for p in straight["loss_curve"]]
