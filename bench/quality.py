@@ -41,7 +41,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from clora_ext.engine import EngineSettings
-from clora_ext.masks import MaskTokens, MaskUpsampling, Morphology
+from clora_ext.loss import LossTokens
+from clora_ext.masks import MaskOverlap, MaskTokens, MaskUpsampling, Morphology
 from clora_ext.update import Schedule
 from miniworld.compose import Result, Task, run, score
 from miniworld.evaluate import summarise as summarise_results, wilson
@@ -58,6 +59,10 @@ METHODS = ("plain", "merge", "fusion_only", "update_only", "clora_paper", "clora
 MASK_METHODS = tuple(f"clora_masks_{rule.value}" for rule in MaskTokens)
 # soft (bilinear) mask edges instead of the paper's blocks, without and with the latent update
 SOFT_METHODS = ("fusion_only_bilinear", "clora_masks_subject_bilinear")
+# one owner per pixel where masks overlap (masks.MaskOverlap.EXCLUSIVE), with the subject and the base rule
+EXCLUSIVE_METHODS = ("clora_masks_subject_exclusive", "clora_masks_base_exclusive")
+# the contrastive loss over the subject words only (loss.LossTokens.SUBJECT), with the subject masks
+LOSS_METHODS = ("clora_masks_subject_loss_subject", "clora_masks_subject_exclusive_loss_subject")
 # on request: the reference implementation's per-step computation (bench.reference: stale maps and
 # prediction after an update, maps averaged over cond and uncond rows), paper settings, Euler only
 REFERENCE = "clora_reference"
@@ -69,7 +74,8 @@ SAMPLERS = ("euler", "ddim")
 PAPER_SETTINGS = EngineSettings(step_size=20.0, schedule=Schedule(update_fraction=0.5, refine_at=(0.0, 0.2, 0.4),
                                                                   refine_iterations=20, mask_start=0.0),
                                 refine_tolerance=None, mask_threshold=0.4, morphology=Morphology.NONE,
-                                mask_tokens=MaskTokens.PAPER, mask_upsampling=MaskUpsampling.NEAREST)
+                                mask_tokens=MaskTokens.PAPER, mask_upsampling=MaskUpsampling.NEAREST,
+                                mask_overlap=MaskOverlap.SHARED, loss_tokens=LossTokens.PAPER)
 
 
 def method_settings(method: str) -> tuple[str, EngineSettings]:
@@ -88,6 +94,13 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
         "fusion_only_bilinear": ("fusion_only", dataclasses.replace(paper, mask_upsampling=MaskUpsampling.BILINEAR)),
         "clora_masks_subject_bilinear": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT,
                                                                       mask_upsampling=MaskUpsampling.BILINEAR)),
+        **{f"clora_masks_{rule}_exclusive": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens(rule),
+                                                                          mask_overlap=MaskOverlap.EXCLUSIVE))
+           for rule in ("subject", "base")},
+        **{f"clora_masks_subject{overlap}_loss_subject": (
+            "clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT, loss_tokens=LossTokens.SUBJECT,
+                                         mask_overlap=MaskOverlap.EXCLUSIVE if overlap else MaskOverlap.SHARED))
+           for overlap in ("", "_exclusive")},
     }[method]
 
 
@@ -270,7 +283,8 @@ def _describe(method: str) -> dict:
             "refine_tolerance": s.refine_tolerance, "update_fraction": s.schedule.update_fraction,
             "refine_at": list(s.schedule.refine_at), "mask_threshold": s.mask_threshold,
             "morphology": s.morphology.value, "mask_start": s.schedule.mask_start,
-            "mask_tokens": MaskTokens(s.mask_tokens).value, "mask_upsampling": MaskUpsampling(s.mask_upsampling).value}
+            "mask_tokens": MaskTokens(s.mask_tokens).value, "mask_upsampling": MaskUpsampling(s.mask_upsampling).value,
+            "mask_overlap": MaskOverlap(s.mask_overlap).value, "loss_tokens": LossTokens(s.loss_tokens).value}
 
 
 def format_table(report: dict) -> str:
@@ -323,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the miniature world: its model, LoRAs and prompts (default: world 1)")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--grid", help="write the methods x seeds picture grid here (PNG)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS + (REFERENCE,) + MASK_METHODS + SOFT_METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS + (REFERENCE,) + MASK_METHODS + SOFT_METHODS + EXCLUSIVE_METHODS + LOSS_METHODS, default=list(METHODS))
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed-offset", type=int, default=0,

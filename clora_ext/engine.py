@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 
 from .attention import AttentionCapture, CaptureRequest, cross_attention_modules, map_size
-from .loss import DEFAULT_TAU, concept_overlap, contrastive_loss
-from .masks import MaskTokens, MaskUpsampling, Morphology, fuse, mask_sources, resize_masks, variant_masks
+from .loss import DEFAULT_TAU, LossTokens, concept_overlap, contrastive_loss, loss_maps
+from .masks import MaskOverlap, MaskTokens, MaskUpsampling, Morphology, fuse, mask_sources, resize_masks, variant_masks
 from .routing import Delta, Route, RowRouter
 from .tokens import TokenMapSpec
 from .update import LatentSpace, Schedule, apply_update
@@ -137,6 +137,10 @@ class EngineSettings:
     mask_tokens: MaskTokens = MaskTokens.PAPER
     # how the masks grow from the maps' size to the latent's (masks.MaskUpsampling); nearest: the paper's blocks
     mask_upsampling: MaskUpsampling = MaskUpsampling.NEAREST
+    # where several variants' masks cover a pixel (masks.MaskOverlap); shared: averaged, the paper's
+    mask_overlap: MaskOverlap = MaskOverlap.SHARED
+    # which token maps the contrastive loss compares (loss.LossTokens); paper: trigger words included
+    loss_tokens: LossTokens = LossTokens.PAPER
 
 
 @dataclass
@@ -610,16 +614,18 @@ class CLoRAEngine:
         mask_for = mask_sources(self._token_maps, self.settings.mask_tokens).to(maps.device)
         small = torch.stack(
             [
-                variant_masks(m, mask_for, self.n_variants, self.settings.mask_threshold, self.settings.morphology)
+                variant_masks(m, mask_for, self.n_variants, self.settings.mask_threshold, self.settings.morphology,
+                              self.settings.mask_overlap)
                 for m in maps
             ]
         )
         return resize_masks(small, tuple(latent_hw), self.settings.mask_upsampling)
 
     def _image_losses(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B,) contrastive loss of each image's (P, h, w) maps."""
-        labels = self._labels.to(maps.device)
-        return torch.stack([contrastive_loss(m, labels, self.settings.tau) for m in maps])
+        """(B,) contrastive loss of each image's (P, h, w) maps, over the maps the loss-token rule keeps."""
+        keep = loss_maps(self._token_maps, self.settings.loss_tokens).to(maps.device)
+        labels = self._labels.to(maps.device)[keep]
+        return torch.stack([contrastive_loss(m[keep], labels, self.settings.tau) for m in maps])
 
     def _request(self, layout: RowLayout, x: torch.Tensor, grad: bool) -> CaptureRequest:
         images = x.shape[0]

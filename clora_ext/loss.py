@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import enum
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -53,3 +56,23 @@ def concept_overlap(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if not different.any():
         return sim.new_zeros(())
     return sim[different].mean()
+
+
+class LossTokens(str, enum.Enum):
+    """Which token maps the contrastive loss compares.
+
+    - PAPER: every planned map: the subject words in every variant and each variant's trigger words;
+    - SUBJECT: the subject words only. A trigger word's map need not lie on its subject (a rare
+      token the LoRA binds to the colour, not the place), and pulling it there moves the latent
+      against the subject it belongs to.
+    """
+
+    PAPER = "paper"
+    SUBJECT = "subject"
+
+
+def loss_maps(specs: Sequence, rule: LossTokens | str) -> torch.Tensor:
+    """Which maps of ``specs`` (TokenMapSpec) enter the loss under ``rule``: a boolean per map."""
+    if LossTokens(rule) is LossTokens.PAPER:
+        return torch.ones(len(specs), dtype=torch.bool)
+    return torch.tensor([not s.trigger for s in specs], dtype=torch.bool)

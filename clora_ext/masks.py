@@ -45,27 +45,47 @@ def morph(masks: torch.Tensor, op: Morphology | str) -> torch.Tensor:
     return m.reshape(shape).to(masks.dtype)
 
 
+class MaskOverlap(str, enum.Enum):
+    """Where several variants' maps pass the threshold at one pixel.
+
+    - SHARED: every such variant keeps the pixel and ``fuse`` averages their predictions (the paper's);
+    - EXCLUSIVE: the pixel goes to the one variant whose map is strongest there, each map measured
+      against its own peak (the quantity the threshold tests), so every pixel has one owner.
+    """
+
+    SHARED = "shared"
+    EXCLUSIVE = "exclusive"
+
+
 def variant_masks(
     maps: torch.Tensor,
     mask_for: torch.Tensor,
     n_variants: int,
     threshold: float,
     morphology: Morphology | str = Morphology.NONE,
+    overlap: MaskOverlap | str = MaskOverlap.SHARED,
 ) -> torch.Tensor:
     """Masks (n_variants, h, w) of one image from its token maps (P, h, w).
 
     M_k (k >= 1) is the union over the maps with ``mask_for == k`` (which maps those are is the
-    mask-token rule's choice, ``mask_sources``) of ``A >= threshold * max A``, optionally smoothed
-    by 3x3 morphology; M_0 is set wherever no M_k is.
+    mask-token rule's choice, ``mask_sources``) of ``A >= threshold * max A``; with ``overlap``
+    EXCLUSIVE a pixel several M_k cover stays only in the one whose ``A / max A`` is largest there.
+    Then optional 3x3 morphology; M_0 is set wherever no M_k is.
     """
     h, w = maps.shape[-2:]
     peak = maps.flatten(1).max(dim=1).values.clamp_min(torch.finfo(maps.dtype).tiny)
-    token_masks = maps >= threshold * peak[:, None, None]
-    masks = torch.zeros(n_variants, h, w, dtype=torch.float32, device=maps.device)
+    relative = maps / peak[:, None, None]
+    # each variant's strength at every pixel: its strongest chosen map there (-1 where it has none)
+    strength = torch.full((n_variants, h, w), -1.0, dtype=relative.dtype, device=maps.device)
     for k in range(1, n_variants):
         chosen = mask_for == k
         if chosen.any():
-            masks[k] = token_masks[chosen].any(dim=0).float()
+            strength[k] = relative[chosen].amax(dim=0)
+    masks = (strength >= threshold).float()
+    masks[0] = 0.0
+    if MaskOverlap(overlap) is MaskOverlap.EXCLUSIVE and n_variants > 1:
+        winner = strength[1:].argmax(dim=0) + 1
+        masks = masks * (torch.arange(n_variants, device=maps.device)[:, None, None] == winner).float()
     masks[1:] = morph(masks[1:], morphology)
     masks[0] = (masks[1:].sum(dim=0) == 0).float() if n_variants > 1 else 1.0
     return masks

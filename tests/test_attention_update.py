@@ -288,3 +288,34 @@ def test_down_path_loss_takes_the_maps_of_input_blocks_only_and_stops_after_them
     finally:
         for h in handles:
             h.remove()
+
+
+def test_subject_loss_tokens_leave_the_trigger_maps_out_of_the_loss(tiny_unet):
+    """Variants 1 and 2 each carry a trigger map (position 1) before their subject; with
+    ``loss_tokens: subject`` the loss is the NT-Xent of the subject maps alone."""
+    from clora_ext.loss import LossTokens, contrastive_loss, loss_maps
+
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    specs += [TokenMapSpec(1, 1, 0, True, trigger=True), TokenMapSpec(2, 4, 1, True, trigger=True)]
+    assert loss_maps(specs, LossTokens.PAPER).all()
+    assert loss_maps(specs, LossTokens.SUBJECT).tolist() == [True] * 6 + [False, False]
+    gen = torch.Generator().manual_seed(3)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    x = torch.randn(1, 4, 16, 16, generator=gen)
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    losses = {}
+    for rule in LossTokens:
+        with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings(loss_tokens=rule)) as engine:
+            losses[rule], grad = engine.loss_and_gradient(x, row_model)
+            assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+            out = engine.step(x.clone(), 30, 40, SigmaSpace(torch.tensor([2.0])), row_model)  # no update: maps only
+            maps = out.maps[0]
+    labels = torch.tensor([s.concept for s in specs])
+    keep = loss_maps(specs, LossTokens.SUBJECT)
+    loss = {rule: torch.tensor(value) for rule, value in losses.items()}
+    close(loss[LossTokens.SUBJECT], contrastive_loss(maps[keep], labels[keep]))
+    close(loss[LossTokens.PAPER], contrastive_loss(maps, labels))
+    assert differs(loss[LossTokens.PAPER], loss[LossTokens.SUBJECT])

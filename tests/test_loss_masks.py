@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clora_ext.loss import concept_overlap, contrastive_loss, minmax_normalise, nt_xent
-from clora_ext.masks import MaskTokens, MaskUpsampling, Morphology, fuse, mask_sources, morph, resize_masks, variant_masks
+from clora_ext.masks import MaskOverlap, MaskTokens, MaskUpsampling, Morphology, fuse, mask_sources, morph, resize_masks, variant_masks
 from clora_ext.tokens import TokenMapSpec
 from tolerance import close
 
@@ -97,6 +97,25 @@ def test_union_over_tokens_and_threshold():
     masks = variant_masks(maps, torch.tensor([1, 1, -1]), 2, threshold=0.4)
     # 0.35 < 0.4 * 1.0 is out; the second token counts relative to its own peak
     assert masks[1].nonzero().tolist() == [[0, 0], [3, 3]]
+
+
+def test_exclusive_overlap_gives_each_pixel_to_the_relatively_strongest_variant():
+    maps = torch.zeros(3, 2, 4)
+    maps[0, 0] = torch.tensor([1.0, 0.9, 0.5, 0.0])  # variant 1, peak 1.0
+    maps[1, 0] = torch.tensor([0.0, 0.8, 2.0, 1.0])  # variant 2, peak 2.0: relative 0, 0.4, 1.0, 0.5
+    maps[2, 1] = torch.tensor([0.0, 3.0, 3.0, 0.0])  # variant 2's second word, relative 1.0 on row 1
+    mask_for = torch.tensor([1, 2, 2])
+    shared = variant_masks(maps, mask_for, 3, threshold=0.4)
+    exclusive = variant_masks(maps, mask_for, 3, threshold=0.4, overlap=MaskOverlap.EXCLUSIVE)
+    # shared: columns 1 and 2 of row 0 are in both masks
+    assert shared[1, 0].tolist() == [1, 1, 1, 0] and shared[2, 0].tolist() == [0, 1, 1, 1]
+    # exclusive: column 1 goes to variant 1 (0.9 > 0.4), column 2 to variant 2 (1.0 > 0.5)
+    assert exclusive[1, 0].tolist() == [1, 1, 0, 0] and exclusive[2, 0].tolist() == [0, 0, 1, 1]
+    assert exclusive[2, 1].tolist() == [0, 1, 1, 0]  # the variant's strongest word counts
+    assert torch.equal(exclusive.sum(0), torch.ones(2, 4))  # one owner per pixel, the base where no one
+    assert exclusive[0].tolist() == [[0, 0, 0, 0], [1, 0, 0, 1]]
+    # below the threshold nothing changes: the masks only lose overlaps
+    assert torch.equal(exclusive[1:] <= shared[1:], torch.ones_like(shared[1:], dtype=torch.bool))
 
 
 def test_overlapping_masks_fuse_to_a_convex_combination():
