@@ -73,4 +73,6 @@ def test_entries_of_older_versions_keep_the_defaults_they_were_made_with():
     assert before_04.refine_iterations == 20 and before_04.refine_tolerance == 0.0  # 0.3.0 refined 20 times
     current = infotext.load(json.dumps({"version": VERSION, "concepts": concepts}))
     assert current.refine_tolerance == 0.0 and current.engine_settings().refine_tolerance is None
-    assert current.refine_iterations == 5
+    assert current.refine_iterations == 5 and current.mask_tokens.value == "subject"
+    before_05 = infotext.load(json.dumps({"version": "0.4.0", "concepts": concepts}))
+    assert before_05.mask_tokens.value == "paper" and before_05.refine_iterations == 5  # 0.4.0 masked by the paper's rule

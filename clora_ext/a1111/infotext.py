@@ -16,7 +16,8 @@ KEY = "CLoRA"
 _META = ("version", "notes")
 # defaults that changed: (the first version with the new default, the old defaults); an entry
 # written before that version left the old default out, so it is put back when read
-CHANGED_DEFAULTS = (("0.2.0", {"refine_tolerance": 0.01}), ("0.4.0", {"refine_iterations": 20}))
+CHANGED_DEFAULTS = (("0.2.0", {"refine_tolerance": 0.01}), ("0.4.0", {"refine_iterations": 20}),
+                    ("0.5.0", {"mask_tokens": "paper"}))
 
 
 def _version(text: Any) -> tuple[int, ...]:

@@ -72,7 +72,7 @@ class ConceptArgs(_Strict):
 
 class CLoRAArgs(_Strict):
     """Everything one CLoRA generation needs. Defaults are the paper's (docs/algorithm.md, sections 4 and 5), except
-    5 refinement iterations instead of 20 (docs/quality.md)."""
+    5 refinement iterations instead of 20 and masks from the subject words only (docs/quality.md)."""
 
     enabled: bool = Field(False, title="CLoRA")
     concepts: List[ConceptArgs] = Field(default_factory=list, title="Concepts", max_items=MAX_CONCEPTS)
@@ -89,7 +89,7 @@ class CLoRAArgs(_Strict):
     mask_start: float = Field(0.0, title="First step with masks (fraction)", ge=0.0, le=1.0)
     previews: bool = Field(False, title="Previews: attention maps and masks")
     mask_tokens: MaskTokens = Field(
-        MaskTokens.PAPER, title="Mask words",
+        MaskTokens.SUBJECT, title="Mask words",
         description="which words' attention maps make each LoRA's mask: paper (its trigger and subject words), "
         "subject (its subject words only), base (the base prompt's subject words), base_subject (both)",
     )
