@@ -85,7 +85,7 @@ def test_positional_list_from_before_mask_tokens_still_parses():
     # clients that send the 58 values of version 0.4 (no mask_tokens, no mask_upsampling) keep working
     a = parse_args([{**TWO, "morphology": "close", "previews": True}])
     old = to_positional(a)[:-2]
-    assert parse_args(old) == a and parse_args(old, defaults={"mask_tokens": "subject"}).mask_tokens is MaskTokens.SUBJECT
+    assert parse_args(old) == a and parse_args(old, defaults={"mask_tokens": "base"}).mask_tokens is MaskTokens.BASE
 
 
 def test_short_positional_list_keeps_defaults():
