@@ -74,16 +74,18 @@ def variant_masks(
     """
     h, w = maps.shape[-2:]
     peak = maps.flatten(1).max(dim=1).values.clamp_min(torch.finfo(maps.dtype).tiny)
-    relative = maps / peak[:, None, None]
-    # each variant's strength at every pixel: its strongest chosen map there (-1 where it has none)
-    strength = torch.full((n_variants, h, w), -1.0, dtype=relative.dtype, device=maps.device)
+    token_masks = maps >= threshold * peak[:, None, None]
+    exclusive = MaskOverlap(overlap) is MaskOverlap.EXCLUSIVE
+    masks = torch.zeros(n_variants, h, w, dtype=torch.float32, device=maps.device)
+    # each variant's strength at every pixel: its strongest chosen map there, relative to that map's peak
+    strength = torch.full((n_variants, h, w), -1.0, dtype=torch.float32, device=maps.device)
     for k in range(1, n_variants):
         chosen = mask_for == k
         if chosen.any():
-            strength[k] = relative[chosen].amax(dim=0)
-    masks = (strength >= threshold).float()
-    masks[0] = 0.0
-    if MaskOverlap(overlap) is MaskOverlap.EXCLUSIVE and n_variants > 1:
+            masks[k] = token_masks[chosen].any(dim=0).float()
+            if exclusive:
+                strength[k] = (maps[chosen].float() / peak[chosen, None, None].float()).amax(dim=0)
+    if exclusive and n_variants > 1:
         winner = strength[1:].argmax(dim=0) + 1
         masks = masks * (torch.arange(n_variants, device=maps.device)[:, None, None] == winner).float()
     masks[1:] = morph(masks[1:], morphology)
