@@ -165,3 +165,15 @@ def test_mask_token_rules_pick_the_maps_of_each_variants_mask():
     paper = variant_masks(maps, torch.tensor(rules[MaskTokens.PAPER]), 3, threshold=0.5)
     subject = variant_masks(maps, torch.tensor(rules[MaskTokens.SUBJECT]), 3, threshold=0.5)
     assert paper[1].tolist() == [[1.0, 0.0], [0.0, 1.0]] and subject[1].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+
+
+def test_half_precision_threshold_is_the_papers_product_form():
+    """A >= lambda * max A, as the paper writes it: in fp16 the quotient form A / max A >= lambda
+    rounds the other way for this pair (0.34302 / 0.85791 passes it, the product form does not)."""
+    maps = torch.zeros(2, 1, 2, dtype=torch.float16)
+    maps[0, 0] = torch.tensor([0.85791015625, 0.343017578125], dtype=torch.float16)
+    maps[1, 0, 1] = 1.0  # the other variant's map, on the other pixel
+    assert bool(maps[0, 0, 1] / maps[0, 0, 0] >= 0.4)  # the quotient form would keep the pixel
+    for overlap in MaskOverlap:
+        masks = variant_masks(maps, torch.tensor([1, 2]), 3, threshold=0.4, overlap=overlap)
+        assert masks[1, 0].tolist() == [1.0, 0.0] and masks[2, 0].tolist() == [0.0, 1.0]
