@@ -338,6 +338,7 @@ class CLoRAEngine:
         self._map_variant = torch.tensor([s.variant for s in specs], dtype=torch.long)
         self._map_position = torch.tensor([[s.position for s in image] for image in per_image], dtype=torch.long)
         self._n_concepts = len(set(self._labels.tolist()))
+        self._loss_keep = loss_maps(specs, self.settings.loss_tokens)  # once per map layout, not per pass
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -625,7 +626,7 @@ class CLoRAEngine:
 
     def _image_losses(self, maps: torch.Tensor) -> torch.Tensor:
         """(B,) contrastive loss of each image's (P, h, w) maps, over the maps the loss-token rule keeps."""
-        keep = loss_maps(self._token_maps, self.settings.loss_tokens).to(maps.device)
+        keep = self._loss_keep.to(maps.device)
         labels = self._labels.to(maps.device)[keep]
         return torch.stack([contrastive_loss(m[keep], labels, self.settings.tau) for m in maps])
 
