@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from clora_ext.engine import EngineSettings
+from clora_ext.engine import EngineSettings, UncondRows
 from clora_ext.loss import LossTokens
 from clora_ext.masks import MaskOverlap, MaskTokens, MaskUpsampling, Morphology
 from clora_ext.update import Schedule
@@ -63,6 +63,11 @@ SOFT_METHODS = ("fusion_only_bilinear", "clora_masks_subject_bilinear")
 EXCLUSIVE_METHODS = ("clora_masks_subject_exclusive", "clora_masks_base_exclusive")
 # the contrastive loss over the subject words only (loss.LossTokens.SUBJECT), with the subject masks
 LOSS_METHODS = ("clora_masks_subject_loss_subject", "clora_masks_subject_exclusive_loss_subject")
+# the loss with each trigger map only where it lies with its subject (loss.LossTokens.AGREEING), and one
+# shared unconditional row per image (engine.UncondRows.SHARED), each on top of the shipped defaults
+LEVER_METHODS = ("clora_loss_agreeing", "clora_shared_uncond")
+# the paper's 20 refinement iterations on top of the shipped defaults (README's advice for 3+ LoRAs)
+REFINE_METHODS = ("clora_refine_20",)
 # on request: the reference implementation's per-step computation (bench.reference: stale maps and
 # prediction after an update, maps averaged over cond and uncond rows), paper settings, Euler only
 REFERENCE = "clora_reference"
@@ -75,7 +80,8 @@ PAPER_SETTINGS = EngineSettings(step_size=20.0, schedule=Schedule(update_fractio
                                                                   refine_iterations=20, mask_start=0.0),
                                 refine_tolerance=None, mask_threshold=0.4, morphology=Morphology.NONE,
                                 mask_tokens=MaskTokens.PAPER, mask_upsampling=MaskUpsampling.NEAREST,
-                                mask_overlap=MaskOverlap.SHARED, loss_tokens=LossTokens.PAPER)
+                                mask_overlap=MaskOverlap.SHARED, loss_tokens=LossTokens.PAPER,
+                                uncond_rows=UncondRows.PER_VARIANT)
 
 
 def method_settings(method: str) -> tuple[str, EngineSettings]:
@@ -101,6 +107,10 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
             "clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT, loss_tokens=LossTokens.SUBJECT,
                                          mask_overlap=MaskOverlap.EXCLUSIVE if overlap else MaskOverlap.SHARED))
            for overlap in ("", "_exclusive")},
+        "clora_loss_agreeing": ("clora", dataclasses.replace(EngineSettings(), loss_tokens=LossTokens.AGREEING)),
+        "clora_shared_uncond": ("clora", dataclasses.replace(EngineSettings(), uncond_rows=UncondRows.SHARED)),
+        "clora_refine_20": ("clora", dataclasses.replace(
+            EngineSettings(), schedule=dataclasses.replace(Schedule(), refine_iterations=20))),
     }[method]
 
 
@@ -284,7 +294,8 @@ def _describe(method: str) -> dict:
             "refine_at": list(s.schedule.refine_at), "mask_threshold": s.mask_threshold,
             "morphology": s.morphology.value, "mask_start": s.schedule.mask_start,
             "mask_tokens": MaskTokens(s.mask_tokens).value, "mask_upsampling": MaskUpsampling(s.mask_upsampling).value,
-            "mask_overlap": MaskOverlap(s.mask_overlap).value, "loss_tokens": LossTokens(s.loss_tokens).value}
+            "mask_overlap": MaskOverlap(s.mask_overlap).value, "loss_tokens": LossTokens(s.loss_tokens).value,
+            "uncond_rows": UncondRows(s.uncond_rows).value}
 
 
 def format_table(report: dict) -> str:
@@ -337,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the miniature world: its model, LoRAs and prompts (default: world 1)")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--grid", help="write the methods x seeds picture grid here (PNG)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS + (REFERENCE,) + MASK_METHODS + SOFT_METHODS + EXCLUSIVE_METHODS + LOSS_METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS + (REFERENCE,) + MASK_METHODS + SOFT_METHODS + EXCLUSIVE_METHODS + LOSS_METHODS + LEVER_METHODS + REFINE_METHODS, default=list(METHODS))
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed-offset", type=int, default=0,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import logging
 import math
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ import torch
 import torch.nn as nn
 
 from .attention import AttentionCapture, CaptureRequest, cross_attention_modules, map_size
-from .loss import DEFAULT_TAU, LossTokens, concept_overlap, contrastive_loss, loss_maps
+from .loss import (DEFAULT_TAU, LossTokens, agreeing_maps, concept_overlap, contrastive_loss, loss_maps,
+                   masked_contrastive_loss)
 from .masks import MaskOverlap, MaskTokens, MaskUpsampling, Morphology, fuse, mask_sources, resize_masks, variant_masks
 from .routing import Delta, Route, RowRouter
 from .tokens import TokenMapSpec
@@ -57,13 +59,15 @@ class RowLayout:
         return RowLayout(self.image[rows], self.variant[rows], self.uncond[rows])
 
     @classmethod
-    def build(cls, images: int, variants: int, with_uncond: bool, device: torch.device | str = "cpu") -> "RowLayout":
-        """Cond rows image-major (b0v0, b0v1, ..., b1v0, ...), then the uncond rows in the same order."""
+    def build(cls, images: int, variants: int, with_uncond: bool, device: torch.device | str = "cpu",
+              uncond_variants: int | None = None) -> "RowLayout":
+        """Cond rows image-major (b0v0, b0v1, ..., b1v0, ...), then the uncond rows in the same order
+        (of the first ``uncond_variants`` variants only, when given)."""
         halves = (False, True) if with_uncond else (False,)
         image, variant, uncond = [], [], []
         for u in halves:
             for b in range(images):
-                for v in range(variants):
+                for v in range(variants if not u or uncond_variants is None else uncond_variants):
                     image.append(b)
                     variant.append(v)
                     uncond.append(u)
@@ -72,6 +76,18 @@ class RowLayout:
             torch.tensor(variant, dtype=torch.long, device=device),
             torch.tensor(uncond, dtype=torch.bool, device=device),
         )
+
+
+class UncondRows(str, enum.Enum):
+    """The unconditional rows of the fused pass.
+
+    - PER_VARIANT: one per variant, its LoRAs routed, fused with the cond rows' masks (the paper's);
+    - SHARED: one per image, the base variant's (K + 2 rows a step instead of 2K + 2); classifier-free
+      guidance then runs from the base model's unconditional prediction to the fused cond one.
+    """
+
+    PER_VARIANT = "per_variant"
+    SHARED = "shared"
 
 
 class RowModel(Protocol):
@@ -143,6 +159,8 @@ class EngineSettings:
     mask_overlap: MaskOverlap = MaskOverlap.SHARED
     # which token maps the contrastive loss compares (loss.LossTokens); paper: trigger words included
     loss_tokens: LossTokens = LossTokens.PAPER
+    # the fused pass's unconditional rows (UncondRows); per_variant: the paper's
+    uncond_rows: UncondRows = UncondRows.PER_VARIANT
 
 
 @dataclass
@@ -336,6 +354,7 @@ class CLoRAEngine:
         self._token_maps = specs
         self._labels = torch.tensor([s.concept for s in specs], dtype=torch.long)
         self._map_variant = torch.tensor([s.variant for s in specs], dtype=torch.long)
+        self._map_trigger = torch.tensor([s.trigger for s in specs], dtype=torch.bool)
         self._map_position = torch.tensor([[s.position for s in image] for image in per_image], dtype=torch.long)
         self._n_concepts = len(set(self._labels.tolist()))
         self._loss_keep = loss_maps(specs, self.settings.loss_tokens)  # once per map layout, not per pass
@@ -515,7 +534,9 @@ class CLoRAEngine:
 
     def _fused_pass(self, x: torch.Tensor, step: int, total_steps: int, model: RowModel, record: StepRecord) -> StepOutput:
         images = x.shape[0]
-        layout = RowLayout.build(images, self.n_variants, with_uncond=True, device=x.device)
+        shared = UncondRows(self.settings.uncond_rows) is UncondRows.SHARED
+        layout = RowLayout.build(images, self.n_variants, with_uncond=True, device=x.device,
+                                 uncond_variants=1 if shared else None)
         with torch.no_grad():
             request = self._request(layout, x, grad=False)
             out, maps = self._run(model, x.index_select(0, layout.image), layout, request)
@@ -526,9 +547,13 @@ class CLoRAEngine:
                 torch.stack([concept_overlap(m, self._labels.to(m.device)) for m in maps]).mean()
             )
             masks = self.masks(maps, x.shape[-2:], enabled=self.settings.schedule.masks_at(step, total_steps))
-            per_image = out.reshape(2, images, self.n_variants, *out.shape[1:])
-            cond = torch.stack([fuse(per_image[0, b], masks[b]) for b in range(images)])
-            uncond = torch.stack([fuse(per_image[1, b], masks[b]) for b in range(images)])
+            conds = out[: images * self.n_variants].reshape(images, self.n_variants, *out.shape[1:])
+            cond = torch.stack([fuse(conds[b], masks[b]) for b in range(images)])
+            if shared:
+                uncond = out[images * self.n_variants:]
+            else:
+                unconds = out[images * self.n_variants:].reshape(images, self.n_variants, *out.shape[1:])
+                uncond = torch.stack([fuse(unconds[b], masks[b]) for b in range(images)])
         return StepOutput(cond=cond, uncond=uncond, maps=maps, masks=masks)
 
     # -- pieces -------------------------------------------------------------------------------
@@ -626,9 +651,13 @@ class CLoRAEngine:
 
     def _image_losses(self, maps: torch.Tensor) -> torch.Tensor:
         """(B,) contrastive loss of each image's (P, h, w) maps, over the maps the loss-token rule keeps."""
+        labels = self._labels.to(maps.device)
+        if LossTokens(self.settings.loss_tokens) is LossTokens.AGREEING:  # chosen per image and pass
+            trigger = self._map_trigger.to(maps.device)
+            return torch.stack([masked_contrastive_loss(m, labels, agreeing_maps(m, labels, trigger), self.settings.tau)
+                                for m in maps])
         keep = self._loss_keep.to(maps.device)
-        labels = self._labels.to(maps.device)[keep]
-        return torch.stack([contrastive_loss(m[keep], labels, self.settings.tau) for m in maps])
+        return torch.stack([contrastive_loss(m[keep], labels[keep], self.settings.tau) for m in maps])
 
     def _request(self, layout: RowLayout, x: torch.Tensor, grad: bool) -> CaptureRequest:
         images = x.shape[0]

@@ -64,15 +64,60 @@ class LossTokens(str, enum.Enum):
     - PAPER: every planned map: the subject words in every variant and each variant's trigger words;
     - SUBJECT: the subject words only. A trigger word's map need not lie on its subject (a rare
       token the LoRA binds to the colour, not the place), and pulling it there moves the latent
-      against the subject it belongs to.
+      against the subject it belongs to;
+    - AGREEING: the subject words, and each trigger word whose map lies with its own subject: at
+      every pass, the trigger map is kept when it is closer (cosine of the min-max normalised maps)
+      to its own concept's subject maps than to any other concept's (``agreeing_maps``).
     """
 
     PAPER = "paper"
     SUBJECT = "subject"
+    AGREEING = "agreeing"
 
 
 def loss_maps(specs: Sequence, rule: LossTokens | str) -> torch.Tensor:
-    """Which maps of ``specs`` (TokenMapSpec) enter the loss under ``rule``: a boolean per map."""
-    if LossTokens(rule) is LossTokens.PAPER:
+    """Which maps of ``specs`` (TokenMapSpec) enter the loss under ``rule``: a boolean per map
+    (AGREEING: the maps it may keep, the subject words and the triggers; ``agreeing_maps`` picks)."""
+    if LossTokens(rule) in (LossTokens.PAPER, LossTokens.AGREEING):
         return torch.ones(len(specs), dtype=torch.bool)
     return torch.tensor([not s.trigger for s in specs], dtype=torch.bool)
+
+
+def agreeing_maps(maps: torch.Tensor, labels: torch.Tensor, trigger: torch.Tensor) -> torch.Tensor:
+    """Of one image's maps (P, h, w), which lie with their own concept (a boolean per map; no gradient).
+
+    Every non-trigger map is kept. A trigger map is kept when its cosine similarity to the mean of
+    its own concept's subject maps is higher than to the mean of any other concept's; a trigger
+    whose concept has no subject map is kept (nothing to compare with). Written without
+    value-dependent shapes, so that it runs inside a torch.func transform."""
+    concepts = labels[~trigger].unique()
+    if len(concepts) < 2:
+        return torch.ones_like(trigger)
+    members = ((labels[None, :] == concepts[:, None]) & ~trigger[None, :]).float()  # (concepts, P)
+    with torch.no_grad():
+        z = F.normalize(minmax_normalise(maps.detach()).float(), dim=1)
+        centroids = F.normalize((members / members.sum(dim=1, keepdim=True)) @ z, dim=1)
+        nearest = concepts.index_select(0, (z @ centroids.T).argmax(dim=1))
+    own = (labels[:, None] == concepts[None, :]).any(dim=1)
+    return ~trigger | ~own | (nearest == labels)
+
+
+def masked_contrastive_loss(maps: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+                            tau: float = DEFAULT_TAU, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """``contrastive_loss(maps[keep], labels[keep])`` for a ``keep`` computed from the maps' values,
+    written with masks instead of indexing (no value-dependent shapes, see ``agreeing_maps``)."""
+    z = F.normalize(minmax_normalise(maps, eps).float(), dim=1)
+    sim = z @ z.T / tau
+    pair = keep[:, None] & keep[None, :]
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive = same & ~eye & pair
+    negative = ~same & pair
+    # a row without negatives (a map left out) has no positive pair either: it takes every column
+    # instead, so that no logsumexp runs over -inf alone (its gradient would be NaN), and is masked out
+    columns = negative | ~negative.any(dim=1, keepdim=True)
+    neg_lse = torch.logsumexp(sim.masked_fill(~columns, float("-inf")), dim=1, keepdim=True)
+    losses = F.softplus(neg_lse - sim).masked_fill(~positive, 0.0)
+    pairs = positive.sum()
+    mean = losses.sum() / pairs.clamp_min(1)
+    return torch.where((pairs > 0) & negative.any(), mean, sim.sum() * 0.0)

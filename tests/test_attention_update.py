@@ -319,3 +319,107 @@ def test_subject_loss_tokens_leave_the_trigger_maps_out_of_the_loss(tiny_unet):
     close(loss[LossTokens.SUBJECT], contrastive_loss(maps[keep], labels[keep]))
     close(loss[LossTokens.PAPER], contrastive_loss(maps, labels))
     assert differs(loss[LossTokens.PAPER], loss[LossTokens.SUBJECT])
+
+
+def test_agreeing_loss_tokens_keep_a_trigger_map_only_where_it_lies_with_its_subject():
+    """Two concepts on the left and right halves; the first trigger map lies on its own subject's
+    half, the second on the other subject's: the first is kept, the second left out, and the
+    masked loss equals the NT-Xent of the kept maps."""
+    from clora_ext.loss import agreeing_maps, contrastive_loss, masked_contrastive_loss
+
+    gen = torch.Generator().manual_seed(11)
+    left = torch.zeros(8, 8)
+    left[:, :4] = 1.0
+    right = 1.0 - left
+    noise = lambda: 0.1 * torch.rand(8, 8, generator=gen)
+    #         subject 0, subject 1, subject 0, subject 1, trigger 0 (on left), trigger 1 (on left: wrong)
+    maps = torch.stack([left + noise(), right + noise(), left + noise(), right + noise(), left + noise(), left + noise()])
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    trigger = torch.tensor([False, False, False, False, True, True])
+    keep = agreeing_maps(maps, labels, trigger)
+    assert keep.tolist() == [True, True, True, True, True, False]
+    close(masked_contrastive_loss(maps, labels, keep), contrastive_loss(maps[keep], labels[keep]))
+    every = torch.ones(6, dtype=torch.bool)
+    close(masked_contrastive_loss(maps, labels, every), contrastive_loss(maps, labels))
+    # a trigger whose concept has no subject map has nothing to agree with: kept
+    assert agreeing_maps(maps[[0, 1, 2, 3, 4]], torch.tensor([0, 1, 0, 1, 2]), trigger[[0, 1, 2, 3, 4]]).all()
+
+
+def test_masked_loss_has_a_finite_gradient_with_a_map_left_out():
+    """A map left out has no negatives: its row must not put NaN into the gradient."""
+    from clora_ext.loss import masked_contrastive_loss
+
+    maps = torch.rand(5, 4, 4, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    loss = masked_contrastive_loss(maps, labels, torch.tensor([True, True, True, True, False]))
+    (grad,) = torch.autograd.grad(loss, maps)
+    assert torch.isfinite(grad).all() and grad[:4].abs().sum() > 0
+    assert grad[4].abs().sum() == 0
+
+
+def test_agreeing_loss_tokens_run_in_the_engine_and_in_the_functional_gradient(tiny_unet):
+    """The engine's loss under ``loss_tokens: agreeing`` is the masked NT-Xent over the maps the rule
+    keeps at that latent, and the functional (torch.func) gradient pass gives the same update."""
+    from clora_ext.loss import LossTokens, agreeing_maps, masked_contrastive_loss
+
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    specs += [TokenMapSpec(1, 1, 0, True, trigger=True), TokenMapSpec(2, 4, 1, True, trigger=True)]
+    gen = torch.Generator().manual_seed(3)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    x0 = torch.randn(1, 4, 16, 16, generator=gen)
+    settings = EngineSettings(loss_tokens=LossTokens.AGREEING,
+                              schedule=Schedule(update_fraction=1.0, refine_at=(0.0,), refine_iterations=1))
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, settings) as engine:
+        loss, grad = engine.loss_and_gradient(x0, row_model)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        maps = engine.step(x0.clone(), 30, 40, SigmaSpace(torch.tensor([2.0])), row_model, allow_update=False).maps[0]
+        labels = torch.tensor([s.concept for s in specs])
+        trigger = torch.tensor([s.trigger for s in specs])
+        close(torch.tensor(loss), masked_contrastive_loss(maps, labels, agreeing_maps(maps, labels, trigger)))
+        expected = x0.clone()
+        engine.step(expected, 0, 10, SigmaSpace(torch.tensor([2.0])), row_model)
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, settings, functional_gradient=True) as engine:
+        x = x0.clone()
+        engine.step(x, 0, 10, SigmaSpace(torch.tensor([2.0])), row_model)
+    assert not torch.equal(x, x0)
+    close(x, expected, 1e-4)
+
+
+def test_shared_uncond_runs_one_base_uncond_row_per_image(tiny_unet):
+    """``uncond_rows: shared``: the fused pass runs the V cond rows and one uncond row (the base
+    variant's) per image; the cond prediction is the same fusion, the uncond is the base row."""
+    from clora_ext.engine import UncondRows
+    from clora_ext.masks import fuse
+
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    gen = torch.Generator().manual_seed(4)
+    ctx = torch.randn(2, 3, 77, 32, generator=gen)  # (uncond, variant)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    seen = []
+
+    def row_model(x_rows, layout: RowLayout):
+        seen.append(RowLayout(layout.image.clone(), layout.variant.clone(), layout.uncond.clone()))
+        context = ctx[layout.uncond.long(), layout.variant]
+        return tiny_unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=context)
+
+    out = {}
+    for rows in UncondRows:
+        seen.clear()
+        with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings(uncond_rows=rows)) as engine:
+            out[rows] = engine.step(x.clone(), 30, 40, SigmaSpace(torch.tensor([2.0, 2.0])), row_model, allow_update=False)
+        (layout,) = seen
+        if rows is UncondRows.SHARED:
+            assert len(layout) == 2 * 3 + 2
+            assert layout.uncond[6:].all() and layout.variant[6:].tolist() == [0, 0] and layout.image[6:].tolist() == [0, 1]
+        else:
+            assert len(layout) == 2 * 2 * 3
+    shared, paper = out[UncondRows.SHARED], out[UncondRows.PER_VARIANT]
+    close(shared.cond, paper.cond)
+    base_uncond = tiny_unet(x * 0.45, torch.full((2,), 600.0), context=ctx[1, [0, 0]])
+    close(shared.uncond, base_uncond)
+    assert differs(shared.uncond, paper.uncond)
+    close(paper.uncond[0], fuse(tiny_unet(x[[0, 0, 0]] * 0.45, torch.full((3,), 600.0), context=ctx[1]), paper.masks[0]))
