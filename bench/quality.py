@@ -57,8 +57,9 @@ METHODS = ("plain", "merge", "fusion_only", "update_only", "clora_paper", "clora
 # on request: the shipped defaults with another mask-token rule (masks.MaskTokens): the maps each
 # variant's mask is made of
 MASK_METHODS = tuple(f"clora_masks_{rule.value}" for rule in MaskTokens)
-# soft (bilinear) mask edges instead of the paper's blocks, without and with the latent update
-SOFT_METHODS = ("fusion_only_bilinear", "clora_masks_subject_bilinear")
+# soft (bilinear) mask edges instead of the paper's blocks, without and with the latent update; hard edges along
+# the maps' level lines (contour)
+SOFT_METHODS = ("fusion_only_bilinear", "clora_masks_subject_bilinear", "clora_masks_subject_contour")
 # one owner per pixel where masks overlap (masks.MaskOverlap.EXCLUSIVE), with the subject and the base rule
 EXCLUSIVE_METHODS = ("clora_masks_subject_exclusive", "clora_masks_base_exclusive")
 # the contrastive loss over the subject words only (loss.LossTokens.SUBJECT), with the subject masks
@@ -100,6 +101,8 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
         "fusion_only_bilinear": ("fusion_only", dataclasses.replace(paper, mask_upsampling=MaskUpsampling.BILINEAR)),
         "clora_masks_subject_bilinear": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT,
                                                                       mask_upsampling=MaskUpsampling.BILINEAR)),
+        "clora_masks_subject_contour": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT,
+                                                                     mask_upsampling=MaskUpsampling.CONTOUR)),
         **{f"clora_masks_{rule}_exclusive": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens(rule),
                                                                           mask_overlap=MaskOverlap.EXCLUSIVE))
            for rule in ("subject", "base")},

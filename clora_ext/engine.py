@@ -640,6 +640,9 @@ class CLoRAEngine:
         if not enabled:
             return torch.ones(images, self.n_variants, *latent_hw, device=maps.device)
         mask_for = mask_sources(self._token_maps, self.settings.mask_tokens).to(maps.device)
+        if MaskUpsampling(self.settings.mask_upsampling) is MaskUpsampling.CONTOUR:  # threshold at the latent's size
+            maps = torch.nn.functional.interpolate(maps.float(), size=tuple(latent_hw), mode="bilinear",
+                                                   align_corners=False)
         small = torch.stack(
             [
                 variant_masks(m, mask_for, self.n_variants, self.settings.mask_threshold, self.settings.morphology,

@@ -133,17 +133,23 @@ class MaskUpsampling(str, enum.Enum):
 
     - NEAREST: blocks of the map's cells (hard seams between variants);
     - BILINEAR: soft edges one cell wide. Interpolation is linear, so the masks still
-      sum to at least 1 at every pixel and ``fuse`` normalises them as before.
+      sum to at least 1 at every pixel and ``fuse`` normalises them as before;
+    - CONTOUR: the *maps* grow bilinearly to the latent's size and are thresholded there, so
+      the masks stay hard but their edges follow the maps' level lines instead of the cells'
+      block grid (morphology, if any, then acts at the latent's size).
     """
 
     NEAREST = "nearest"
     BILINEAR = "bilinear"
+    CONTOUR = "contour"
 
 
 def resize_masks(masks: torch.Tensor, size: tuple[int, int],
                  upsampling: MaskUpsampling | str = MaskUpsampling.NEAREST) -> torch.Tensor:
-    """Resize (..., h, w) masks to ``size`` = (H, W)."""
+    """Resize (..., h, w) masks to ``size`` = (H, W) (CONTOUR masks are made at that size already)."""
     shape = masks.shape
+    if shape[-2:] == tuple(size):
+        return masks.float()
     flat = masks.reshape(-1, 1, *shape[-2:]).float()
     if MaskUpsampling(upsampling) is MaskUpsampling.BILINEAR:
         m = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)

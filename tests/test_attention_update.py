@@ -423,3 +423,27 @@ def test_shared_uncond_runs_one_base_uncond_row_per_image(tiny_unet):
     close(shared.uncond, base_uncond)
     assert differs(shared.uncond, paper.uncond)
     close(paper.uncond[0], fuse(tiny_unet(x[[0, 0, 0]] * 0.45, torch.full((3,), 600.0), context=ctx[1]), paper.masks[0]))
+
+
+def test_contour_masks_are_thresholded_at_the_latent_size(tiny_unet):
+    """``mask_upsampling: contour``: each variant's mask is its maps grown bilinearly to the latent's
+    size and thresholded there, hard (0/1) but not made of the maps' 4x4 blocks."""
+    import torch.nn.functional as F
+
+    from clora_ext.masks import MaskUpsampling, variant_masks
+
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    ramp = torch.linspace(0.0, 1.0, 8)
+    one = (ramp[None, :] + ramp[:, None]) / 2  # a diagonal ramp: block edges would be a staircase of 4x4 steps
+    maps = torch.stack([one, one.flip(1)] * 3)[None]  # (1, 6, 8, 8): subject 0 on the bottom right, 1 bottom left
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings(mask_upsampling=MaskUpsampling.CONTOUR)) as engine:
+        masks = engine.masks(maps, (32, 32))[0]
+        mask_for = torch.tensor([-1, -1, 1, -1, -1, 2])
+    big = F.interpolate(maps, size=(32, 32), mode="bilinear", align_corners=False)[0]
+    assert torch.equal(masks, variant_masks(big, mask_for, 3, 0.4))
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    blocks = masks[1].reshape(8, 4, 8, 4)
+    assert (blocks.amax(dim=(1, 3)) != blocks.amin(dim=(1, 3))).any()  # an edge runs inside a 4x4 block
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings()) as engine:
+        nearest = engine.masks(maps, (32, 32))[0].reshape(3, 8, 4, 8, 4)
+    assert torch.equal(nearest.amax(dim=(2, 4)), nearest.amin(dim=(2, 4)))  # the default: whole blocks
