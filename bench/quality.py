@@ -38,6 +38,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+from scipy import stats as scipy_stats
 from PIL import Image, ImageDraw
 
 from clora_ext.engine import EngineSettings, UncondRows
@@ -175,18 +176,36 @@ def summarise(scored: list[Scored]) -> dict:
 
 def difference(a: list[Scored], b: list[Scored], key: str = "success") -> dict:
     """Paired difference of a rate over the pictures both have (same item, seed and sampler), with a
-    95 % normal interval."""
+    95 % normal interval over pictures (``ci``) and one over seeds (``ci_by_seed``, see ``paired``)."""
     theirs = {(s.item, s.sampler): s for s in b}
     pairs = [(x, theirs[(x.item, x.sampler)]) for x in a if (x.item, x.sampler) in theirs]
-    return paired([float(x.result.verdict[key]) - float(y.result.verdict[key]) for x, y in pairs])
+    return paired([float(x.result.verdict[key]) - float(y.result.verdict[key]) for x, y in pairs],
+                  [x.result.seed for x, _ in pairs])
 
 
-def paired(differences: list[float]) -> dict:
-    """Mean of per-picture differences with a 95 % normal interval (half-width 1 for a single pair)."""
+def paired(differences: list[float], clusters: list[int] | None = None) -> dict:
+    """Mean of per-picture differences with a 95 % normal interval (half-width 1 for a single pair).
+
+    With ``clusters`` (each picture's seed) also ``ci_by_seed``: the pictures of one seed share
+    their initial noise over prompts and samplers, so their outcomes go together and the
+    per-picture interval is too narrow. This one is cluster-robust (the sum of each seed's
+    residuals, Student's t with seeds - 1 degrees of freedom)."""
     d = np.array(differences)
+    mean = float(d.mean())
     half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 1.0
-    return {"difference": round(float(d.mean()), 3), "ci": [round(float(d.mean() - half), 3), round(float(d.mean() + half), 3)],
-            "n": len(d)}
+    out = {"difference": round(mean, 3), "ci": [round(mean - half, 3), round(mean + half, 3)], "n": len(d)}
+    if clusters is not None:
+        seeds = sorted(set(clusters))
+        if len(seeds) > 1:
+            sums = np.array([sum(x - mean for x, c in zip(d, clusters) if c == seed) for seed in seeds])
+            g = len(seeds)
+            se = math.sqrt(g / (g - 1) * float((sums ** 2).sum())) / len(d)
+            half = float(scipy_stats.t.ppf(0.975, g - 1)) * se
+        else:
+            half = 1.0
+        out["ci_by_seed"] = [round(mean - half, 3), round(mean + half, 3)]
+        out["seeds"] = len(seeds)
+    return out
 
 
 def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: tuple[str, ...] = SAMPLERS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from bench import quality
 
@@ -55,3 +56,22 @@ def test_wilson_interval():
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
     lo, hi = wilson(41, 100)
     assert 0.31 < lo < 0.41 < hi < 0.51
+
+
+def test_paired_difference_by_seed_is_cluster_robust():
+    """Pictures of one seed go together: the by-seed interval sums each seed's residuals and uses
+    Student's t with seeds - 1 degrees of freedom; correlated seeds widen it past the per-picture one."""
+    from scipy import stats
+
+    from bench.quality import paired
+
+    # two seeds: one where the method always wins, one where it always ties (4 pictures each)
+    d = [1.0] * 4 + [0.0] * 4
+    out = paired(d, [0] * 4 + [1] * 4)
+    sums = [4 * (1 - 0.5), 4 * (0 - 0.5)]
+    se = math.sqrt(2 / 1 * sum(s * s for s in sums)) / 8
+    half = stats.t.ppf(0.975, 1) * se
+    assert out["difference"] == 0.5 and out["seeds"] == 2
+    assert out["ci_by_seed"] == [round(0.5 - half, 3), round(0.5 + half, 3)]
+    assert out["ci_by_seed"][1] - out["ci_by_seed"][0] > out["ci"][1] - out["ci"][0]
+    assert "ci_by_seed" not in paired(d)
