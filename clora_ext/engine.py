@@ -151,7 +151,8 @@ class EngineSettings:
     morphology: Morphology = Morphology.NONE
     # which token maps make each variant's mask (masks.MaskTokens). "subject" (its subject words, the
     # trigger left out) since 0.5.0: chosen on seeds 0-5, then on held-out seeds +0.49 [+0.35, +0.63] in
-    # two-LoRA success over the paper's rule in world 1, +0.26 [+0.14, +0.39] in world 2 (docs/quality.md)
+    # two-LoRA success over the paper's rule in world 1, +0.26 [+0.14, +0.39] in world 2 (intervals over pictures;
+    # over seeds [+0.35, +0.63] and [-0.01, +0.54]; docs/quality.md)
     mask_tokens: MaskTokens = MaskTokens.SUBJECT
     # how the masks grow from the maps' size to the latent's (masks.MaskUpsampling); nearest: the paper's blocks
     mask_upsampling: MaskUpsampling = MaskUpsampling.NEAREST
