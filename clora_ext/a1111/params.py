@@ -95,7 +95,8 @@ class CLoRAArgs(_Strict):
     )
     mask_upsampling: MaskUpsampling = Field(
         MaskUpsampling.NEAREST, title="Mask edges",
-        description="how the masks grow to the image's size: nearest (hard blocks, the paper's) or bilinear (soft edges)",
+        description="how the masks grow to the image's size: nearest (hard blocks, the paper's), bilinear (soft "
+        "edges) or contour (hard edges along the attention maps' outlines)",
     )
 
     @validator("refine_at", pre=True)

@@ -70,7 +70,7 @@ named = st.fixed_dictionaries(
         "mask_start": numbers,
         "previews": st.one_of(st.booleans(), junk),
         "mask_tokens": st.one_of(st.sampled_from(["paper", "subject", "base", "base_subject"]), junk),
-        "mask_upsampling": st.one_of(st.sampled_from(["nearest", "bilinear"]), junk),
+        "mask_upsampling": st.one_of(st.sampled_from(["nearest", "bilinear", "contour"]), junk),
         "not_a_field": junk,
     },
 )
