@@ -26,7 +26,7 @@ import enum
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Callable, Hashable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -162,6 +162,9 @@ class EngineSettings:
     loss_tokens: LossTokens = LossTokens.PAPER
     # the fused pass's unconditional rows (UncondRows); per_variant: the paper's
     uncond_rows: UncondRows = UncondRows.PER_VARIANT
+    # the masks fusing step t are mask_memory * step t-1's + (1 - mask_memory) * this step's own
+    # (an exponential average over steps: a pixel that flips between variants gets a blend); 0: the paper's
+    mask_memory: float = 0.0
 
 
 @dataclass
@@ -307,6 +310,7 @@ class CLoRAEngine:
         # gradient passes through torch.func instead of autograd (see differentiable_loss)
         self.functional_gradient = functional_gradient
         self._warned: set[str] = set()
+        self._held_masks: dict[Hashable, torch.Tensor] = {}  # per group of images, for mask_memory
         self.token_maps = token_maps
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -375,16 +379,18 @@ class CLoRAEngine:
         model: RowModel,
         allow_update: bool = True,
         update_region: torch.Tensor | None = None,
+        group: Hashable = None,
     ) -> StepOutput:
         """One sampling step. ``x`` (B, C, H, W) is the sampler's latent, updated in place;
         ``update_region`` (broadcastable to one image's latent, or one per image) confines the
-        update to where it is 1 (the inpaint mask)."""
+        update to where it is 1 (the inpaint mask); ``group`` names the images when a caller
+        steps several groups of a batch in turn (``mask_memory`` keeps each group's masks)."""
         record = StepRecord(step)
         self.records.append(record)
         iterations = self.settings.schedule.iterations_at(step, total_steps)
         if allow_update and self.updates_enabled and self._n_concepts >= 2 and iterations:
             self._optimise(x, space, model, iterations, record, update_region)
-        self.last_output = self._fused_pass(x, step, total_steps, model, record)
+        self.last_output = self._fused_pass(x, step, total_steps, model, record, group)
         return self.last_output
 
     def _optimise(self, x: torch.Tensor, space: LatentSpace, model: RowModel, iterations: int, record: StepRecord,
@@ -533,7 +539,8 @@ class CLoRAEngine:
             grad = backward(torch.ones_like(losses), False)
         return float(losses.sum()), grad.detach()
 
-    def _fused_pass(self, x: torch.Tensor, step: int, total_steps: int, model: RowModel, record: StepRecord) -> StepOutput:
+    def _fused_pass(self, x: torch.Tensor, step: int, total_steps: int, model: RowModel, record: StepRecord,
+                    group: Hashable = None) -> StepOutput:
         images = x.shape[0]
         shared = UncondRows(self.settings.uncond_rows) is UncondRows.SHARED
         layout = RowLayout.build(images, self.n_variants, with_uncond=True, device=x.device,
@@ -548,6 +555,12 @@ class CLoRAEngine:
                 torch.stack([concept_overlap(m, self._labels.to(m.device)) for m in maps]).mean()
             )
             masks = self.masks(maps, x.shape[-2:], enabled=self.settings.schedule.masks_at(step, total_steps))
+            memory = self.settings.mask_memory
+            if memory:
+                held = self._held_masks.get(group)
+                if held is not None and held.shape == masks.shape:
+                    masks = memory * held + (1.0 - memory) * masks
+                self._held_masks[group] = masks
             conds = out[: images * self.n_variants].reshape(images, self.n_variants, *out.shape[1:])
             cond = torch.stack([fuse(conds[b], masks[b]) for b in range(images)])
             if shared:

@@ -447,3 +447,26 @@ def test_contour_masks_are_thresholded_at_the_latent_size(tiny_unet):
     with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings()) as engine:
         nearest = engine.masks(maps, (32, 32))[0].reshape(3, 8, 4, 8, 4)
     assert torch.equal(nearest.amax(dim=(2, 4)), nearest.amin(dim=(2, 4)))  # the default: whole blocks
+
+
+def test_mask_memory_blends_each_step_masks_with_the_previous_steps_per_group(tiny_unet):
+    """``mask_memory: m``: the masks fusing a step are m * the previous step's (of the same group of
+    images) + (1 - m) * this step's own; the first step's are its own."""
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    gen = torch.Generator().manual_seed(8)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    xs = [torch.randn(1, 4, 16, 16, generator=gen) for _ in range(3)]
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    sigma = SigmaSpace(torch.tensor([2.0]))
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings()) as engine:
+        own = [engine.step(x.clone(), 30 + i, 40, sigma, row_model, allow_update=False).masks for i, x in enumerate(xs)]
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings(mask_memory=0.25)) as engine:
+        first = engine.step(xs[0].clone(), 30, 40, sigma, row_model, allow_update=False, group=(0,)).masks
+        other = engine.step(xs[2].clone(), 30, 40, sigma, row_model, allow_update=False, group=(1,)).masks
+        second = engine.step(xs[1].clone(), 31, 40, sigma, row_model, allow_update=False, group=(0,)).masks
+    assert torch.equal(first, own[0]) and torch.equal(other, own[2])  # nothing held yet for either group
+    close(second, 0.25 * own[0] + 0.75 * own[1])
+    assert differs(own[0], own[1])

@@ -251,7 +251,8 @@ def fused_step(
             region = region.to(x.device, torch.float32)
             if region.dim() == 4 and region.shape[0] > 1:
                 region = region.index_select(0, ids)
-        out = engine.step(xg, step, total, space, row_model, allow_update=allow_update, update_region=region)
+        out = engine.step(xg, step, total, space, row_model, allow_update=allow_update, update_region=region,
+                          group=tuple(group))
         engine.records[-1].batch_images = group
         if not whole:
             x[ids] = xg
