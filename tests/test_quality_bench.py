@@ -24,7 +24,7 @@ def test_quick_quality_report_structure(tmp_path):
     assert report["methods"]["merge"]["gradient_passes"] == 0 and "mask_iou" not in report["methods"]["merge"]
     assert report["methods"]["clora_default"]["gradient_passes"] > 0
     assert 0.0 <= report["methods"]["clora_default"]["mask_iou"] <= 1.0
-    assert set(report["clora_default_minus_merge"]) == {"difference", "ci", "n"}
+    assert set(report["clora_default_minus_merge"]) == {"difference", "ci", "n", "ci_by_seed", "seeds"}
     assert report["settings"]["methods"]["update_only"]["mask_start"] == 1.0
     table = quality.format_table(report)
     assert table.count("| clora_default |") == len(report["suites"])
@@ -47,7 +47,8 @@ def test_shards_merge_into_one_run_and_equal_settings_share_pictures(monkeypatch
     for a, b in zip(merged["clora_default"], merged["clora_paper"]):
         assert a.result is b.result  # rendered once
     report = quality.build_report(merged, quick=True, steps=2)
-    assert report["clora_default_minus_paper"] == {"difference": 0.0, "ci": [0.0, 0.0], "n": 4}
+    assert report["clora_default_minus_paper"] == {"difference": 0.0, "ci": [0.0, 0.0], "n": 4,
+                                                   "ci_by_seed": [0.0, 0.0], "seeds": 2}
 
 
 def test_wilson_interval():
