@@ -67,8 +67,9 @@ EXCLUSIVE_METHODS = ("clora_masks_subject_exclusive", "clora_masks_base_exclusiv
 # the contrastive loss over the subject words only (loss.LossTokens.SUBJECT), with the subject masks
 LOSS_METHODS = ("clora_masks_subject_loss_subject", "clora_masks_subject_exclusive_loss_subject")
 # the loss with each trigger map only where it lies with its subject (loss.LossTokens.AGREEING), and one
-# shared unconditional row per image (engine.UncondRows.SHARED), each on top of the shipped defaults
-LEVER_METHODS = ("clora_loss_agreeing", "clora_shared_uncond")
+# shared unconditional row per image (engine.UncondRows.SHARED), the latent update without its mean per mask
+# region (update_keeps_means), each on top of the shipped defaults
+LEVER_METHODS = ("clora_loss_agreeing", "clora_shared_uncond", "clora_update_keeps_means")
 # the paper's 20 refinement iterations on top of the shipped defaults (README's advice for 3+ LoRAs)
 REFINE_METHODS = ("clora_refine_20",)
 # on request: the reference implementation's per-step computation (bench.reference: stale maps and
@@ -104,6 +105,7 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
         "clora_masks_subject_bilinear": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT,
                                                                       mask_upsampling=MaskUpsampling.BILINEAR)),
         "clora_mask_memory_0.5": ("clora", dataclasses.replace(EngineSettings(), mask_memory=0.5)),
+        "clora_update_keeps_means": ("clora", dataclasses.replace(EngineSettings(), update_keeps_means=True)),
         "clora_masks_subject_contour": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT,
                                                                      mask_upsampling=MaskUpsampling.CONTOUR)),
         **{f"clora_masks_{rule}_exclusive": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens(rule),
@@ -319,7 +321,8 @@ def _describe(method: str) -> dict:
             "morphology": s.morphology.value, "mask_start": s.schedule.mask_start,
             "mask_tokens": MaskTokens(s.mask_tokens).value, "mask_upsampling": MaskUpsampling(s.mask_upsampling).value,
             "mask_overlap": MaskOverlap(s.mask_overlap).value, "loss_tokens": LossTokens(s.loss_tokens).value,
-            "uncond_rows": UncondRows(s.uncond_rows).value, "mask_memory": s.mask_memory}
+            "uncond_rows": UncondRows(s.uncond_rows).value, "mask_memory": s.mask_memory,
+            "update_keeps_means": s.update_keeps_means}
 
 
 def format_table(report: dict) -> str:

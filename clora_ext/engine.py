@@ -37,7 +37,7 @@ from .loss import (DEFAULT_TAU, LossTokens, agreeing_maps, concept_overlap, cont
 from .masks import MaskOverlap, MaskTokens, MaskUpsampling, Morphology, fuse, mask_sources, resize_masks, variant_masks
 from .routing import Delta, Route, RowRouter
 from .tokens import TokenMapSpec
-from .update import LatentSpace, Schedule, apply_update
+from .update import LatentSpace, Schedule, apply_update, without_region_means
 
 log = logging.getLogger("clora")
 
@@ -165,6 +165,10 @@ class EngineSettings:
     # the masks fusing step t are mask_memory * step t-1's + (1 - mask_memory) * this step's own
     # (an exponential average over steps: a pixel that flips between variants gets a blend); 0: the paper's
     mask_memory: float = 0.0
+    # the latent update less its mean per channel over each region of the previous step's masks
+    # (update.without_region_means): it may move where a subject's attention sits but not a region's
+    # colour, which the loss otherwise pushes towards the base model's palette; False: the paper's
+    update_keeps_means: bool = False
 
 
 @dataclass
@@ -310,7 +314,8 @@ class CLoRAEngine:
         # gradient passes through torch.func instead of autograd (see differentiable_loss)
         self.functional_gradient = functional_gradient
         self._warned: set[str] = set()
-        self._held_masks: dict[Hashable, torch.Tensor] = {}  # per group of images, for mask_memory
+        # the masks of each group of images' latest step (mask_memory, update_keeps_means)
+        self._last_masks: dict[Hashable, torch.Tensor] = {}
         self.token_maps = token_maps
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -389,12 +394,12 @@ class CLoRAEngine:
         self.records.append(record)
         iterations = self.settings.schedule.iterations_at(step, total_steps)
         if allow_update and self.updates_enabled and self._n_concepts >= 2 and iterations:
-            self._optimise(x, space, model, iterations, record, update_region)
+            self._optimise(x, space, model, iterations, record, update_region, group)
         self.last_output = self._fused_pass(x, step, total_steps, model, record, group)
         return self.last_output
 
     def _optimise(self, x: torch.Tensor, space: LatentSpace, model: RowModel, iterations: int, record: StepRecord,
-                  region: torch.Tensor | None = None) -> None:
+                  region: torch.Tensor | None = None, group: Hashable = None) -> None:
         """Update ``x`` in place; every image of the batch refines, stops and takes back on its own loss."""
         tolerance = self.settings.refine_tolerance
         active = torch.arange(x.shape[0], device=x.device)
@@ -444,7 +449,14 @@ class CLoRAEngine:
             if not grad.any() and any(losses[j] != 0 for j in keep):
                 self.warn_once("zero_gradient", _zero_gradient_message(self.half))
                 return
-            if region is not None:
+            if self.settings.update_keeps_means:
+                masks = self._last_masks.get(group)
+                if masks is not None and masks.shape[0] == x.shape[0]:
+                    masks = masks.index_select(0, active.to(masks.device))
+                elif masks is not None:  # another batch shape than the last step's: no regions to keep
+                    masks = None
+                grad = without_region_means(grad, masks)
+            if region is not None:  # after the means: nothing moves outside the inpainted region
                 grad = grad * (region if region.dim() < 4 or region.shape[0] == 1 else region.index_select(0, active))
             if velocity is not None:
                 grad = velocity.index_select(0, active).mul_(self.settings.momentum).add_(grad)
@@ -556,11 +568,10 @@ class CLoRAEngine:
             )
             masks = self.masks(maps, x.shape[-2:], enabled=self.settings.schedule.masks_at(step, total_steps))
             memory = self.settings.mask_memory
-            if memory:
-                held = self._held_masks.get(group)
-                if held is not None and held.shape == masks.shape:
-                    masks = memory * held + (1.0 - memory) * masks
-                self._held_masks[group] = masks
+            held = self._last_masks.get(group)
+            if memory and held is not None and held.shape == masks.shape:
+                masks = memory * held + (1.0 - memory) * masks
+            self._last_masks[group] = masks
             conds = out[: images * self.n_variants].reshape(images, self.n_variants, *out.shape[1:])
             cond = torch.stack([fuse(conds[b], masks[b]) for b in range(images)])
             if shared:

@@ -53,6 +53,25 @@ def apply_update(latent: torch.Tensor, grad: torch.Tensor, step_size: float, spa
     latent.sub_(step_size * scale * grad.to(latent.dtype))
 
 
+def without_region_means(grad: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    """``grad`` (B, C, H, W) less its part that is constant on each mask's region, so that a step along it
+    moves no region's mean (in the latent: a region's colour), only what varies inside the region.
+
+    ``masks`` (B, V, H, W), normalised per pixel into weights w_k: per image and channel, the least-squares
+    fit sum_k a_k w_k of grad is subtracted, which leaves sum_hw w_k * result = 0 for every k (hard masks:
+    each region's mean is subtracted). None (no masks yet: the first step) takes the whole picture as one region.
+    """
+    g = grad.float()
+    if masks is None:
+        return (g - g.mean(dim=(-2, -1), keepdim=True)).to(grad.dtype)
+    w = masks.to(device=g.device, dtype=torch.float32)
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    gram = torch.einsum("bvhw,bkhw->bvk", w, w)  # (B, V, V); a variant with no pixels has a zero row
+    gram = gram + 1e-6 * gram.diagonal(dim1=1, dim2=2).amax(dim=1)[:, None, None] * torch.eye(w.shape[1])
+    coefficients = torch.linalg.solve(gram, torch.einsum("bvhw,bchw->bvc", w, g))  # (B, V, C)
+    return (g - torch.einsum("bvhw,bvc->bchw", w, coefficients)).to(grad.dtype)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """When to update, refine and mask, as fractions of the step count.

@@ -8,7 +8,7 @@ import torch
 from clora_ext.attention import AttentionCapture, CaptureRequest, cross_attention_modules, map_size
 from clora_ext.engine import CLoRAEngine, EngineSettings, LoRAUse, RowLayout, gradient_ready
 from clora_ext.tokens import TokenMapSpec
-from clora_ext.update import DDPMSpace, Schedule, SigmaSpace, apply_update
+from clora_ext.update import DDPMSpace, Schedule, SigmaSpace, apply_update, without_region_means
 from tolerance import close, differs
 
 SD15_H32 = [f"input_blocks.{i}.1.transformer_blocks.0.attn2" for i in (7, 8)] + [
@@ -470,3 +470,64 @@ def test_mask_memory_blends_each_step_masks_with_the_previous_steps_per_group(ti
     assert torch.equal(first, own[0]) and torch.equal(other, own[2])  # nothing held yet for either group
     close(second, 0.25 * own[0] + 0.75 * own[1])
     assert differs(own[0], own[1])
+
+
+def _near_zero(value: torch.Tensor, scale: float) -> None:
+    assert float(value.abs().max()) <= 1e-5 * scale, (float(value.abs().max()), scale)
+
+
+def test_without_region_means_leaves_no_mean_in_any_region_and_keeps_what_varies_inside():
+    gen = torch.Generator().manual_seed(11)
+    grad = torch.randn(2, 4, 8, 8, generator=gen) + 3.0
+    soft = torch.rand(2, 3, 8, 8, generator=gen)
+    out = without_region_means(grad, soft)
+    weights = soft / soft.sum(dim=1, keepdim=True)
+    _near_zero(torch.einsum("bvhw,bchw->bvc", weights, out), float(grad.abs().sum(dim=(-2, -1)).max()))
+    assert differs(out, torch.zeros_like(out))
+    # hard regions: a field constant on each region vanishes; one with zero mean on each region stays as it is
+    hard = torch.zeros(1, 2, 8, 8)
+    hard[0, 0, :, :3] = 1.0
+    hard[0, 1, :, 3:] = 1.0
+    constant = (5.0 * hard[:, :1] - 2.0 * hard[:, 1:]).expand(1, 4, 8, 8)
+    _near_zero(without_region_means(constant, hard), 5.0)
+    varying = torch.randn(1, 4, 8, 8, generator=gen)
+    region_means = torch.einsum("bvhw,bchw->bvc", hard, varying) / hard.sum(dim=(-2, -1))[..., None]
+    varying = varying - torch.einsum("bvhw,bvc->bchw", hard, region_means)
+    close(without_region_means(varying, hard), varying, rel=1e-5)
+    # no masks yet: the whole picture is one region
+    close(without_region_means(grad, None), grad - grad.mean(dim=(-2, -1), keepdim=True), rel=1e-6)
+
+
+def test_update_keeps_means_moves_no_region_of_the_previous_steps_masks(tiny_unet):
+    """``update_keeps_means``: the step's latent update has zero mean (per channel) over each region of
+    the masks the previous step fused with; over the whole picture before any masks; the paper's update
+    (the default) does move the regions' means."""
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    gen = torch.Generator().manual_seed(12)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    sigma = torch.tensor([2.0])
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    x0 = torch.randn(1, 4, 16, 16, generator=gen) * 2.0
+    moves = {}
+    for keep in (False, True):
+        settings = EngineSettings(schedule=Schedule(refine_iterations=0), update_keeps_means=keep)
+        with CLoRAEngine(tiny_unet, [[], [], []], specs, settings) as engine:
+            x = x0.clone()
+            engine.step(x, 0, 10, SigmaSpace(sigma), row_model)
+            first_move = x - x0
+            masks = engine.last_output.masks
+            before = x.clone()
+            engine.step(x, 1, 10, SigmaSpace(sigma), row_model)
+            assert engine.records[1].iterations == 1
+        weights = masks / masks.sum(dim=1, keepdim=True)
+        moves[keep] = (torch.einsum("bvhw,bchw->bvc", weights, x - before), first_move.mean(dim=(-2, -1)),
+                       (x - before).abs().max())
+    region_means, whole_mean, size = moves[True]
+    assert float(size) > 0
+    _near_zero(region_means, 10 * 16 * 16 * float(size))
+    _near_zero(whole_mean, 10 * float(size))
+    paper_sums, _, paper_size = moves[False]
+    assert float(paper_sums.abs().max()) > 1e-3 * 16 * 16 * float(paper_size)  # the paper's update moves them
