@@ -122,9 +122,18 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
     }[method]
 
 
-def _prompt(shapes: Iterable[str], relations: list[str | None] | None = None) -> str:
-    """"a circle, a square and a triangle"; with ``relations``, "a circle left of a square and a triangle"."""
-    return join_phrases([f"a {s}" for s in shapes], relations)
+def _prompt(shapes: Iterable[str], relations: list[str | None] | None = None,
+            attributes: Iterable[str] | None = None) -> str:
+    """"a circle, a square and a triangle"; with ``relations``, "a circle left of a square and a triangle";
+    with ``attributes`` (one word or "" per shape), "a blue circle and a square"."""
+    shapes = list(shapes)
+    words = list(attributes) if attributes is not None else [""] * len(shapes)
+    return join_phrases([f"a {w} {s}" if w else f"a {s}" for w, s in zip(words, shapes)], relations)
+
+
+# The attribute suite's colour word per shape: base-palette colours no LoRA of either world teaches, so the
+# word and the subject's LoRA disagree about its colour and the judge still wants the LoRA's (issue 20)
+ATTRIBUTE_WORDS = {"circle": "blue", "square": "red", "triangle": "green"}
 
 
 # World 2's prompts: the relation joining each pair of subjects, one entry per task of the suite
@@ -145,6 +154,13 @@ def suites(quick: bool, seed_offset: int = 0, world: World = DEFAULT) -> dict[st
            for k, order in enumerate(orders)]
     three = [Task(_prompt(order, THREE_RELATIONS[k] if relational else None), tuple(by_shape[s].name for s in order))
              for k, order in enumerate(list(permutations(("circle", "square", "triangle")))[:3])]
+    # the two-LoRA orders again, the first pair member's phrase with a colour word: first-named in one order,
+    # second-named in the other
+    attribute = []
+    for k, order in enumerate(orders):
+        words = tuple(ATTRIBUTE_WORDS[s] if s == pairs[k // 2][0] else "" for s in order)
+        attribute.append(Task(_prompt(order, TWO_RELATIONS[k] if relational else None, words),
+                              tuple(by_shape[s].name for s in order), attributes=words))
     style = []
     for a, b in pairs[:2]:
         content = (by_shape[a].name, by_shape[b].name)
@@ -155,7 +171,8 @@ def suites(quick: bool, seed_offset: int = 0, world: World = DEFAULT) -> dict[st
         return {"two": [(two[0], o + s) for s in range(2)], "three": [(three[0], o)], "style": [(style[1], o)]}
     return {"two": [(t, o + s) for t in two for s in range(6)],
             "three": [(t, o + s) for t in three for s in range(6)],
-            "style": [(t, o + s) for t in style for s in range(4)]}
+            "style": [(t, o + s) for t in style for s in range(4)],
+            "attribute": [(t, o + s) for t in attribute for s in range(6)]}
 
 
 @dataclass
@@ -380,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed-offset", type=int, default=0,
                         help="seeds from here on (default 0: the seeds the defaults were chosen on)")
-    parser.add_argument("--suites", nargs="+", choices=("two", "three", "style"), default=[],
+    parser.add_argument("--suites", nargs="+", choices=("two", "three", "style", "attribute"), default=[],
                         help="only these suites (default: all)")
     parser.add_argument("--shard", default="1/1", help="i/n: render every n-th item from the i-th (with --save)")
     parser.add_argument("--save", help="pickle the judged pictures here (to --merge shards later)")

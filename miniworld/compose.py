@@ -37,12 +37,17 @@ class Task:
     content: tuple[str, ...]  # content LoRA names, one per subject
     style: str | None = None
     style_subjects: tuple[str, ...] = ()  # empty: a global style
+    # per content subject, a word the prompt puts before its shape ("blue" in "a blue circle"), part of the
+    # subject phrase its LoRA is mapped to; empty: none
+    attributes: tuple[str, ...] = ()
 
     def subjects(self) -> list[Subject]:
         return [lora_spec(name).subject() for name in self.content]
 
     def concepts(self, model: TinySD) -> list[ConceptLoRA]:
-        out = [concept(model, name) for name in self.content]
+        words = self.attributes or ("",) * len(self.content)
+        out = [concept(model, name, subject=f"{word} {lora_spec(name).shape}" if word else None)
+               for name, word in zip(self.content, words)]
         if self.style:
             if self.style_subjects:
                 out.append(concept(model, self.style, Role.STYLE_SUBJECTS, subject=", ".join(self.style_subjects)))

@@ -76,3 +76,29 @@ def test_paired_difference_by_seed_is_cluster_robust():
     assert out["ci_by_seed"] == [round(0.5 - half, 3), round(0.5 + half, 3)]
     assert out["ci_by_seed"][1] - out["ci_by_seed"][0] > out["ci"][1] - out["ci"][0]
     assert "ci_by_seed" not in paired(d)
+
+
+def test_attribute_suite_puts_a_colour_word_in_one_subjects_phrase_in_both_positions():
+    """The attribute suite: the two-LoRA suite's six word orders with a colour word before the first pair
+    member's shape (first-named in one order, second in the other), that word part of the subject phrase
+    its LoRA is mapped to, in both worlds; the other suites' items keep their positions (merging shards)."""
+    from miniworld.model import load_model
+    from miniworld.worlds import RELATIONS, lora_spec
+    for world in (quality.DEFAULT, RELATIONS):
+        model = load_model(world=world)
+        full = quality.suites(False, 0, world)
+        assert list(full)[:3] == ["two", "three", "style"]
+        tasks = list(dict.fromkeys(t for t, _ in full["attribute"]))
+        assert len(tasks) == 6 and len(full["attribute"]) == 36
+        positions = set()
+        for task, two in zip(tasks, dict.fromkeys(t for t, _ in full["two"])):
+            assert task.content == two.content
+            k = next(i for i, w in enumerate(task.attributes) if w)
+            positions.add(k)
+            shape = lora_spec(task.content[k]).shape
+            word = quality.ATTRIBUTE_WORDS[shape]
+            assert f"a {word} {shape}" in task.prompt
+            assert task.prompt.replace(f"{word} ", "", 1) == two.prompt
+            subjects = [c.concept.subject for c in task.concepts(model)]
+            assert subjects[k] == f"{word} {shape}" and subjects[1 - k] == lora_spec(task.content[1 - k]).shape
+        assert positions == {0, 1}
