@@ -59,9 +59,9 @@ METHODS = ("plain", "merge", "fusion_only", "update_only", "clora_paper", "clora
 # variant's mask is made of
 MASK_METHODS = tuple(f"clora_masks_{rule.value}" for rule in MaskTokens)
 # soft (bilinear) mask edges instead of the paper's blocks, without and with the latent update; hard edges along
-# the maps' level lines (contour); masks averaged over steps (mask_memory)
+# the maps' level lines (contour); masks averaged over steps (mask_memory); soft edges from half the steps on
 SOFT_METHODS = ("fusion_only_bilinear", "clora_masks_subject_bilinear", "clora_masks_subject_contour",
-                "clora_mask_memory_0.5")
+                "clora_mask_memory_0.5", "clora_soft_edges_late")
 # one owner per pixel where masks overlap (masks.MaskOverlap.EXCLUSIVE), with the subject and the base rule
 EXCLUSIVE_METHODS = ("clora_masks_subject_exclusive", "clora_masks_base_exclusive")
 # the contrastive loss over the subject words only (loss.LossTokens.SUBJECT), with the subject masks
@@ -106,6 +106,7 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
                                                                       mask_upsampling=MaskUpsampling.BILINEAR)),
         "clora_mask_memory_0.5": ("clora", dataclasses.replace(EngineSettings(), mask_memory=0.5)),
         "clora_update_keeps_means": ("clora", dataclasses.replace(EngineSettings(), update_keeps_means=True)),
+        "clora_soft_edges_late": ("clora", dataclasses.replace(EngineSettings(), soft_edges_from=0.5)),
         "clora_masks_subject_contour": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT,
                                                                      mask_upsampling=MaskUpsampling.CONTOUR)),
         **{f"clora_masks_{rule}_exclusive": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens(rule),
@@ -339,7 +340,7 @@ def _describe(method: str) -> dict:
             "mask_tokens": MaskTokens(s.mask_tokens).value, "mask_upsampling": MaskUpsampling(s.mask_upsampling).value,
             "mask_overlap": MaskOverlap(s.mask_overlap).value, "loss_tokens": LossTokens(s.loss_tokens).value,
             "uncond_rows": UncondRows(s.uncond_rows).value, "mask_memory": s.mask_memory,
-            "update_keeps_means": s.update_keeps_means}
+            "update_keeps_means": s.update_keeps_means, "soft_edges_from": s.soft_edges_from}
 
 
 def format_table(report: dict) -> str:

@@ -169,6 +169,9 @@ class EngineSettings:
     # (update.without_region_means): it may move where a subject's attention sits but not a region's
     # colour, which the loss otherwise pushes towards the base model's palette; False: the paper's
     update_keeps_means: bool = False
+    # from this fraction of the steps on, the masks grow with soft (bilinear) edges whatever mask_upsampling
+    # says: the layout is settled by then and a hard seam only leaves texture behind; None: never
+    soft_edges_from: float | None = None
 
 
 @dataclass
@@ -566,7 +569,10 @@ class CLoRAEngine:
             record.overlap_after = float(
                 torch.stack([concept_overlap(m, self._labels.to(m.device)) for m in maps]).mean()
             )
-            masks = self.masks(maps, x.shape[-2:], enabled=self.settings.schedule.masks_at(step, total_steps))
+            soft_from = self.settings.soft_edges_from
+            late = soft_from is not None and step >= round(soft_from * total_steps)
+            masks = self.masks(maps, x.shape[-2:], enabled=self.settings.schedule.masks_at(step, total_steps),
+                               upsampling=MaskUpsampling.BILINEAR if late else None)
             memory = self.settings.mask_memory
             held = self._last_masks.get(group)
             if memory and held is not None and held.shape == masks.shape:
@@ -659,13 +665,16 @@ class CLoRAEngine:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def masks(self, maps: torch.Tensor, latent_hw: Sequence[int], enabled: bool = True) -> torch.Tensor:
-        """(B, V, H, W) masks from (B, P, h, w) maps; before the first masked step, equal weights."""
+    def masks(self, maps: torch.Tensor, latent_hw: Sequence[int], enabled: bool = True,
+              upsampling: MaskUpsampling | None = None) -> torch.Tensor:
+        """(B, V, H, W) masks from (B, P, h, w) maps; before the first masked step, equal weights.
+        ``upsampling``: instead of the settings' ``mask_upsampling``."""
         images = maps.shape[0]
         if not enabled:
             return torch.ones(images, self.n_variants, *latent_hw, device=maps.device)
+        upsampling = MaskUpsampling(upsampling or self.settings.mask_upsampling)
         mask_for = mask_sources(self._token_maps, self.settings.mask_tokens).to(maps.device)
-        if MaskUpsampling(self.settings.mask_upsampling) is MaskUpsampling.CONTOUR:  # threshold at the latent's size
+        if upsampling is MaskUpsampling.CONTOUR:  # threshold at the latent's size
             maps = torch.nn.functional.interpolate(maps.float(), size=tuple(latent_hw), mode="bilinear",
                                                    align_corners=False)
         small = torch.stack(
@@ -675,7 +684,7 @@ class CLoRAEngine:
                 for m in maps
             ]
         )
-        return resize_masks(small, tuple(latent_hw), self.settings.mask_upsampling)
+        return resize_masks(small, tuple(latent_hw), upsampling)
 
     def _image_losses(self, maps: torch.Tensor) -> torch.Tensor:
         """(B,) contrastive loss of each image's (P, h, w) maps, over the maps the loss-token rule keeps."""

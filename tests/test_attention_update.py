@@ -531,3 +531,26 @@ def test_update_keeps_means_moves_no_region_of_the_previous_steps_masks(tiny_une
     _near_zero(whole_mean, 10 * float(size))
     paper_sums, _, paper_size = moves[False]
     assert float(paper_sums.abs().max()) > 1e-3 * 16 * 16 * float(paper_size)  # the paper's update moves them
+
+
+def test_soft_edges_from_switches_the_fusing_masks_to_bilinear_edges_late(tiny_unet):
+    """``soft_edges_from: f``: the masks fusing steps before round(f * total) are the settings' own (here
+    nearest: whole 0/1 blocks), those from then on the same maps' masks grown with bilinear edges."""
+    from clora_ext.masks import MaskUpsampling
+
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    gen = torch.Generator().manual_seed(13)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    x = torch.randn(1, 4, 16, 16, generator=gen)
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    sigma = SigmaSpace(torch.tensor([2.0]))
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings(soft_edges_from=0.5)) as engine:
+        early = engine.step(x.clone(), 4, 10, sigma, row_model, allow_update=False)
+        late = engine.step(x.clone(), 5, 10, sigma, row_model, allow_update=False)
+        assert torch.equal(early.masks, engine.masks(early.maps, (16, 16)))
+        assert torch.equal(late.masks, engine.masks(late.maps, (16, 16), upsampling=MaskUpsampling.BILINEAR))
+    assert set(early.masks.unique().tolist()) <= {0.0, 1.0}
+    assert ((late.masks > 0) & (late.masks < 1)).any()  # soft edges
