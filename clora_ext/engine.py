@@ -170,8 +170,8 @@ class EngineSettings:
     # colour, which the loss otherwise pushes towards the base model's palette; False: the paper's
     update_keeps_means: bool = False
     # from this fraction of the steps on, the masks grow with soft (bilinear) edges whatever mask_upsampling
-    # says: the layout is settled by then and a hard seam only leaves texture behind; None: never
-    soft_edges_from: float | None = None
+    # says: the layout is settled by then and a hard seam only leaves texture behind; 1: never (the paper's)
+    soft_edges_from: float = 1.0
 
 
 @dataclass
@@ -569,8 +569,7 @@ class CLoRAEngine:
             record.overlap_after = float(
                 torch.stack([concept_overlap(m, self._labels.to(m.device)) for m in maps]).mean()
             )
-            soft_from = self.settings.soft_edges_from
-            late = soft_from is not None and step >= round(soft_from * total_steps)
+            late = step >= round(self.settings.soft_edges_from * total_steps)
             masks = self.masks(maps, x.shape[-2:], enabled=self.settings.schedule.masks_at(step, total_steps),
                                upsampling=MaskUpsampling.BILINEAR if late else None)
             memory = self.settings.mask_memory

@@ -554,3 +554,6 @@ def test_soft_edges_from_switches_the_fusing_masks_to_bilinear_edges_late(tiny_u
         assert torch.equal(late.masks, engine.masks(late.maps, (16, 16), upsampling=MaskUpsampling.BILINEAR))
     assert set(early.masks.unique().tolist()) <= {0.0, 1.0}
     assert ((late.masks > 0) & (late.masks < 1)).any()  # soft edges
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings(soft_edges_from=1.0)) as engine:
+        last = engine.step(x.clone(), 9, 10, sigma, row_model, allow_update=False)
+    assert set(last.masks.unique().tolist()) <= {0.0, 1.0}  # 1: hard edges to the last step
