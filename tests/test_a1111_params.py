@@ -69,13 +69,14 @@ def test_settings_defaults_fill_what_the_request_leaves_out():
 def test_positional_round_trip_and_length():
     a = parse_args(
         [{**TWO, "step_size": 10, "morphology": "open", "refine_at": [0.1], "previews": True, "mask_start": 0.25,
-          "mask_tokens": "base", "mask_upsampling": "bilinear"}]
+          "mask_tokens": "base", "mask_upsampling": "bilinear", "soft_edges_from": 0.75}]
     )
     assert a.engine_settings().mask_tokens is MaskTokens.BASE
     assert a.engine_settings().mask_upsampling is MaskUpsampling.BILINEAR
+    assert a.engine_settings().soft_edges_from == 0.75
     values = to_positional(a)
-    assert len(values) == POSITIONAL_LENGTH == 1 + 8 * 6 + 11
-    assert values[-2:] == ["base", "bilinear"]
+    assert len(values) == POSITIONAL_LENGTH == 1 + 8 * 6 + 12
+    assert values[-3:] == ["base", "bilinear", 0.75]
     assert values[:7] == [True, "cat", "cat_lora", 1.0, 1.0, "sks", "content"]
     assert values[7 + 6 * 6 + 1] == NO_LORA  # an empty row
     assert parse_args(values) == a
@@ -84,7 +85,7 @@ def test_positional_round_trip_and_length():
 def test_positional_list_from_before_mask_tokens_still_parses():
     # clients that send the 58 values of version 0.4 (no mask_tokens, no mask_upsampling) keep working
     a = parse_args([{**TWO, "morphology": "close", "previews": True}])
-    old = to_positional(a)[:-2]
+    old = to_positional(a)[:58]
     assert parse_args(old) == a and parse_args(old, defaults={"mask_tokens": "base"}).mask_tokens is MaskTokens.BASE
 
 

@@ -98,6 +98,11 @@ class CLoRAArgs(_Strict):
         description="how the masks grow to the image's size: nearest (hard blocks, the paper's), bilinear (soft "
         "edges) or contour (hard edges along the attention maps' outlines)",
     )
+    soft_edges_from: float = Field(
+        EngineSettings().soft_edges_from, title="Soft mask edges from (fraction of the steps)", ge=0.0, le=1.0,
+        description="from this fraction of the steps on, the masks get soft edges, which clean the grain that hard "
+        "seams leave; 1: never (the paper's)",
+    )
 
     @validator("refine_at", pre=True)
     def _parse_fractions(cls, v: Any) -> Any:
@@ -143,6 +148,7 @@ class CLoRAArgs(_Strict):
             morphology=self.morphology,
             mask_tokens=self.mask_tokens,
             mask_upsampling=self.mask_upsampling,
+            soft_edges_from=self.soft_edges_from,
         )
 
     def non_default(self) -> dict:
@@ -192,6 +198,7 @@ SETTING_FIELDS = (
     # added since 0.4.0, at the end: positional lists written before them still parse
     "mask_tokens",
     "mask_upsampling",
+    "soft_edges_from",  # since 0.6.0
 )
 POSITIONAL_LENGTH = 1 + MAX_CONCEPTS * len(ROW_FIELDS) + len(SETTING_FIELDS)
 

@@ -71,6 +71,7 @@ named = st.fixed_dictionaries(
         "previews": st.one_of(st.booleans(), junk),
         "mask_tokens": st.one_of(st.sampled_from(["paper", "subject", "base", "base_subject"]), junk),
         "mask_upsampling": st.one_of(st.sampled_from(["nearest", "bilinear", "contour"]), junk),
+        "soft_edges_from": numbers,
         "not_a_field": junk,
     },
 )
@@ -90,7 +91,8 @@ def check(args: list) -> None:
         assert "\n" not in message and len(message) < 2000
         return
     assert isinstance(result, CLoRAArgs)
-    for value in (result.step_size, result.update_fraction, result.mask_threshold, result.mask_start):
+    for value in (result.step_size, result.update_fraction, result.mask_threshold, result.mask_start,
+                  result.soft_edges_from):
         assert math.isfinite(value)
 
 
