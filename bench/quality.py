@@ -14,7 +14,8 @@ pixel oracle judges each picture:
 * ``clora_default``: the extension's shipped defaults (``EngineSettings()``).
 
 Suites: ``two`` (2 content LoRAs), ``three`` (3 content LoRAs), ``style`` (2 content
-LoRAs and the grain style LoRA, global and attached to one subject). Samplers: Euler
+LoRAs and the grain style LoRA, global and attached to one subject), ``attribute`` (the
+``two`` prompts with a colour word in one subject's phrase). Samplers: Euler
 and DDIM. Per method: ``success`` (every subject present once, in its own LoRA's
 colour and in no other's), ``bleed``, ``omission``, ``duplicate``, ``style_ok`` (style
 suite), ``grain_background`` (the oracle finds the background grainy: the style's reach,
