@@ -69,8 +69,9 @@ EXCLUSIVE_METHODS = ("clora_masks_subject_exclusive", "clora_masks_base_exclusiv
 LOSS_METHODS = ("clora_masks_subject_loss_subject", "clora_masks_subject_exclusive_loss_subject")
 # the loss with each trigger map only where it lies with its subject (loss.LossTokens.AGREEING), and one
 # shared unconditional row per image (engine.UncondRows.SHARED), the latent update without its mean per mask
-# region (update_keeps_means), each on top of the shipped defaults
-LEVER_METHODS = ("clora_loss_agreeing", "clora_shared_uncond", "clora_update_keeps_means")
+# region (update_keeps_means), updates in the first fifth of the steps only (before colours set; refinement
+# at step 0 only), each on top of the shipped defaults
+LEVER_METHODS = ("clora_loss_agreeing", "clora_shared_uncond", "clora_update_keeps_means", "clora_updates_early")
 # the paper's 20 refinement iterations on top of the shipped defaults (README's advice for 3+ LoRAs)
 REFINE_METHODS = ("clora_refine_20",)
 # on request: the reference implementation's per-step computation (bench.reference: stale maps and
@@ -107,6 +108,7 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
                                                                       mask_upsampling=MaskUpsampling.BILINEAR)),
         "clora_mask_memory_0.5": ("clora", dataclasses.replace(EngineSettings(), mask_memory=0.5)),
         "clora_update_keeps_means": ("clora", dataclasses.replace(EngineSettings(), update_keeps_means=True)),
+        "clora_updates_early": ("clora", dataclasses.replace(EngineSettings(), schedule=Schedule(update_fraction=0.2))),
         "clora_soft_edges_late": ("clora", dataclasses.replace(EngineSettings(), soft_edges_from=0.5)),
         "clora_masks_subject_contour": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT,
                                                                      mask_upsampling=MaskUpsampling.CONTOUR)),
