@@ -67,7 +67,7 @@ def without_region_means(grad: torch.Tensor, masks: torch.Tensor | None) -> torc
     w = masks.to(device=g.device, dtype=torch.float32)
     w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
     gram = torch.einsum("bvhw,bkhw->bvk", w, w)  # (B, V, V); a variant with no pixels has a zero row
-    gram = gram + 1e-6 * gram.diagonal(dim1=1, dim2=2).amax(dim=1)[:, None, None] * torch.eye(w.shape[1])
+    gram = gram + 1e-6 * gram.diagonal(dim1=1, dim2=2).amax(dim=1)[:, None, None] * torch.eye(w.shape[1], device=g.device)
     coefficients = torch.linalg.solve(gram, torch.einsum("bvhw,bchw->bvc", w, g))  # (B, V, C)
     return (g - torch.einsum("bvhw,bvc->bchw", w, coefficients)).to(grad.dtype)
 
