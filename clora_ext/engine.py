@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 
 from .attention import AttentionCapture, CaptureRequest, cross_attention_modules, map_size
-from .loss import (DEFAULT_TAU, LossTokens, agreeing_maps, concept_overlap, contrastive_loss, loss_maps,
-                   masked_contrastive_loss)
+from .loss import (DEFAULT_TAU, LossGradient, LossTokens, agreeing_maps, concept_overlap, contrastive_loss, loss_maps,
+                   masked_contrastive_loss, with_gradient_through)
 from .masks import MaskOverlap, MaskTokens, MaskUpsampling, Morphology, fuse, mask_sources, resize_masks, variant_masks
 from .routing import Delta, Route, RowRouter
 from .tokens import TokenMapSpec
@@ -160,6 +160,8 @@ class EngineSettings:
     mask_overlap: MaskOverlap = MaskOverlap.SHARED
     # which token maps the contrastive loss compares (loss.LossTokens); paper: trigger words included
     loss_tokens: LossTokens = LossTokens.PAPER
+    # through which maps the loss's gradient reaches the latent (loss.LossGradient); all: the paper's
+    loss_gradient: LossGradient = LossGradient.ALL
     # the fused pass's unconditional rows (UncondRows); per_variant: the paper's
     uncond_rows: UncondRows = UncondRows.PER_VARIANT
     # the masks fusing step t are mask_memory * step t-1's + (1 - mask_memory) * this step's own
@@ -368,6 +370,7 @@ class CLoRAEngine:
         self._labels = torch.tensor([s.concept for s in specs], dtype=torch.long)
         self._map_variant = torch.tensor([s.variant for s in specs], dtype=torch.long)
         self._map_trigger = torch.tensor([s.trigger for s in specs], dtype=torch.bool)
+        self._map_own = torch.tensor([s.mask for s in specs], dtype=torch.bool)
         self._map_position = torch.tensor([[s.position for s in image] for image in per_image], dtype=torch.long)
         self._n_concepts = len(set(self._labels.tolist()))
         self._loss_keep = loss_maps(specs, self.settings.loss_tokens)  # once per map layout, not per pass
@@ -688,6 +691,7 @@ class CLoRAEngine:
     def _image_losses(self, maps: torch.Tensor) -> torch.Tensor:
         """(B,) contrastive loss of each image's (P, h, w) maps, over the maps the loss-token rule keeps."""
         labels = self._labels.to(maps.device)
+        maps = with_gradient_through(maps, self._map_own, self.settings.loss_gradient)
         if LossTokens(self.settings.loss_tokens) is LossTokens.AGREEING:  # chosen per image and pass
             trigger = self._map_trigger.to(maps.device)
             return torch.stack([masked_contrastive_loss(m, labels, agreeing_maps(m, labels, trigger), self.settings.tau)

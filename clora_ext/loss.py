@@ -75,6 +75,29 @@ class LossTokens(str, enum.Enum):
     AGREEING = "agreeing"
 
 
+class LossGradient(str, enum.Enum):
+    """Through which token maps the contrastive loss's gradient reaches the latent.
+
+    - ALL: every map of the loss, the paper's;
+    - OWN: only each concept's maps in its own variant (its LoRA active); the other variants'
+      maps (the base prompt's, the other LoRAs') enter the loss as fixed anchors. A subject
+      word's map in a variant without that subject's LoRA is strongest where the region has the
+      base model's colours for the word, and its gradient paints them over the LoRA's.
+    """
+
+    ALL = "all"
+    OWN = "own"
+
+
+def with_gradient_through(maps: torch.Tensor, own: torch.Tensor, rule: LossGradient | str) -> torch.Tensor:
+    """``maps`` (..., P, h, w) with the gradient stopped on every map ``rule`` leaves out
+    (``own``: a boolean per map, the map is of its concept's own variant)."""
+    if LossGradient(rule) is LossGradient.ALL:
+        return maps
+    keep = own.to(maps.device)[:, None, None]
+    return torch.where(keep, maps, maps.detach())
+
+
 def loss_maps(specs: Sequence, rule: LossTokens | str) -> torch.Tensor:
     """Which maps of ``specs`` (TokenMapSpec) enter the loss under ``rule``: a boolean per map
     (AGREEING: the maps it may keep, the subject words and the triggers; ``agreeing_maps`` picks)."""

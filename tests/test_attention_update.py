@@ -557,3 +557,39 @@ def test_soft_edges_from_switches_the_fusing_masks_to_bilinear_edges_late(tiny_u
     with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings(soft_edges_from=1.0)) as engine:
         last = engine.step(x.clone(), 9, 10, sigma, row_model, allow_update=False)
     assert set(last.masks.unique().tolist()) <= {0.0, 1.0}  # 1: hard edges to the last step
+
+
+def test_own_loss_gradient_stops_the_gradient_on_every_map_outside_its_concepts_variant(tiny_unet):
+    """``loss_gradient: own``: the loss is the same number, its gradient reaches the latent only through each
+    concept's maps in its own variant (the base prompt's and the other LoRAs' maps are fixed anchors), and
+    the functional (torch.func) gradient pass agrees with autograd."""
+    from clora_ext.loss import LossGradient, contrastive_loss, with_gradient_through
+
+    maps = torch.rand(4, 3, 3, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    own = torch.tensor([True, False, True, False])
+    labels = torch.tensor([0, 0, 1, 1])
+    (through_own,) = torch.autograd.grad(contrastive_loss(with_gradient_through(maps, own, "own"), labels), maps)
+    (through_all,) = torch.autograd.grad(contrastive_loss(with_gradient_through(maps, own, "all"), labels), maps)
+    assert torch.equal(through_own[~own], torch.zeros_like(through_own[~own]))
+    close(through_own[own], through_all[own])  # an own map's gradient does not depend on the others' being stopped
+    assert differs(through_all[~own], torch.zeros_like(through_all[~own]))
+
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    gen = torch.Generator().manual_seed(6)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    x0 = torch.randn(1, 4, 16, 16, generator=gen)
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    results = {}
+    for rule in LossGradient:
+        for functional in (False, True):
+            with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings(loss_gradient=rule),
+                             functional_gradient=functional) as engine:
+                results[rule, functional] = engine.loss_and_gradient(x0, row_model)
+    (loss_all, grad_all), (loss_own, grad_own) = results[LossGradient.ALL, False], results[LossGradient.OWN, False]
+    close(torch.tensor(loss_own), torch.tensor(loss_all))
+    assert torch.isfinite(grad_own).all() and grad_own.abs().sum() > 0
+    assert differs(grad_own, grad_all)
+    close(results[LossGradient.OWN, True][1], grad_own, 1e-4)
