@@ -1,5 +1,5 @@
 # Entry point the host loads: the glue for this host (A1111, or Forge Neo / Forge 2.x / reForge), or one line naming what is supported.
-from clora_ext.a1111.compat import host_glue
+from clora_ext.webui.compat import host_glue
 
 _glue, _unsupported = host_glue()
 if _unsupported:

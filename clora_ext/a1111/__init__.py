@@ -1,9 +1,8 @@
-"""The AUTOMATIC1111 glue: the only code of this extension that imports the host's ``modules``.
+"""The AUTOMATIC1111 glue: what only A1111 has, over the shared web-UI layer (``clora_ext.webui``).
 
-Pure parts (no host imports, tested in CI): ``params`` (the parameter model behind UI,
-API and infotext), ``infotext`` and ``plan`` (variant encoding plan, row layout, token
-maps per prompt-editing segment). Host-facing parts, imported only by the host:
-``script`` (the AlwaysOn script and its UI), ``runtime`` (the denoiser hook and the
-proxy), ``lora_bridge`` (the built-in Lora extension) and ``encoding`` (variant
-prompts through the host's prompt machinery).
+``host`` is the one module that reaches A1111's own internals (the CFG denoiser, the prompt
+machinery, the Lora extension's networks); ``runtime`` (the denoiser hook and the proxy),
+``lora_bridge`` (LoRAs through the built-in Lora extension's loader), ``encoding`` (variant
+prompts through the host's prompt machinery) and ``script`` (the AlwaysOn script A1111 loads)
+build on it. All are host-facing, imported only by the host or a fake host in the tests.
 """

@@ -12,9 +12,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..webui import host as webui
+from ..webui.plan import ChunkedTokenizer, EncodeJob, VariantPlan
 from . import host
 from .lora_bridge import HostLoRA, text_encoder_loras
-from .plan import ChunkedTokenizer, EncodeJob, VariantPlan
 
 CACHE_SIZE = 64
 _cache: "OrderedDict[tuple, list]" = OrderedDict()
@@ -34,7 +35,7 @@ class Schedule:
 
 
 def host_tokenizer() -> ChunkedTokenizer:
-    return ChunkedTokenizer(host.prompt_chunker(host.sd_model()))
+    return ChunkedTokenizer(webui.prompt_chunker(host.sd_model()))
 
 
 def _context_key(schedule: Schedule) -> tuple:

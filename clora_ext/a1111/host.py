@@ -1,7 +1,8 @@
-"""Every access to AUTOMATIC1111's internals, in one module (the host seam).
+"""Every access to AUTOMATIC1111's own internals, in one module (the A1111 host seam).
 
-The rest of the glue never imports the host's ``modules``, the Lora extension's
-``networks`` or fastapi: it asks this module. What differs between the supported
+The rest of the A1111 glue never imports the host's ``modules`` or the Lora extension's
+``networks``: it asks this module, or ``clora_ext.webui.host`` for what every web UI host
+shares (options, processing objects, state, the Lora listing). What differs between the supported
 versions (1.8.0 to 1.10.1) is decided here, so a host change is one edit here, and
 CI drives the glue through a fake host (tests/host/) that stands in for these
 imports.
@@ -11,27 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-from fastapi.exceptions import HTTPException
-
 from modules import (
     devices,
-    extra_networks,
     patches,
     processing,
     prompt_parser,
-    sd_samplers,
     sd_samplers_cfg_denoiser,
     sd_samplers_common,
     sd_samplers_kdiffusion,
     shared,
 )
 
-RefusalBase = HTTPException  # the API answers these with their status code, without a backtrace
+from ..webui.host import networks, option
 
 
 # -- model and options ---------------------------------------------------------------------------
@@ -39,11 +35,6 @@ RefusalBase = HTTPException  # the API answers these with their status code, wit
 
 def sd_model() -> Any:
     return shared.sd_model
-
-
-def option(name: str, default: Any = None) -> Any:
-    """A host option (``shared.opts``), or ``default`` where this version has none."""
-    return getattr(shared.opts, name, default)
 
 
 def model_family(model: Any) -> str:
@@ -68,11 +59,6 @@ def text_encoder(model: Any) -> torch.nn.Module:
     return model.cond_stage_model.wrapped.transformer
 
 
-def prompt_chunker(model: Any) -> Any:
-    """The host's prompt chunker (tokenize_line, id_start, id_end): SD1/2's or SDXL's first encoder."""
-    return model.conditioner.embedders[0] if model.is_sdxl else model.cond_stage_model
-
-
 def empty_prompt_cond(model: Any) -> torch.Tensor:
     """The host's encoding of the empty prompt, used to pad conds to a common length."""
     return model.cond_stage_model_empty_prompt
@@ -94,11 +80,6 @@ def encoding_options(model: Any) -> tuple:
         option("sdxl_crop_top"),
         option("comma_padding_backtrack"),
     )
-
-
-def add_setting(key: str, default: Any, label: str, component: Any, args: dict, section: tuple, category: str) -> None:
-    # category: the Settings page groups sections by it (1.8.0 and 1.10.1)
-    shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=section, category_id=category))
 
 
 # -- host version and neighbours ---------------------------------------------------------------
@@ -127,23 +108,8 @@ def replaced_unet_label() -> str | None:
 
 # -- sd-webui-controlnet (Mikubill), when installed ----------------------------------------------
 
+
 CONTROLNET_MARK = 1024.0  # ControlNet prepends a token of +-1024 to the prompts it hooks (cond/uncond)
-
-
-def controlnet_units_enabled(p: Any) -> list[int]:
-    """Indices of the ControlNet units enabled for ``p`` (its script's args); [] without ControlNet."""
-    runner = getattr(p, "scripts", None)
-    args = getattr(p, "script_args", None) or ()
-    for script in getattr(runner, "alwayson_scripts", ()):
-        try:
-            if script.title().lower() != "controlnet":
-                continue
-        except Exception:  # another extension's title() failing is not ours to report
-            continue
-        units = args[script.args_from:script.args_to]
-        return [i for i, unit in enumerate(units)
-                if (unit.get("enabled", False) if isinstance(unit, dict) else getattr(unit, "enabled", False))]
-    return []
 
 
 def controlnet_marked(cond: Any) -> bool:
@@ -172,70 +138,6 @@ def forget_cached_conds(p: Any) -> None:
     processing.StableDiffusionProcessing.cached_uc = [None, None]
     processing.StableDiffusionProcessingTxt2Img.cached_hr_c = [None, None]
     processing.StableDiffusionProcessingTxt2Img.cached_hr_uc = [None, None]
-
-
-# -- processing objects ------------------------------------------------------------------------
-
-
-def is_txt2img(p: Any) -> bool:
-    return isinstance(p, processing.StableDiffusionProcessingTxt2Img)
-
-
-def is_img2img(p: Any) -> bool:
-    return isinstance(p, processing.StableDiffusionProcessingImg2Img)
-
-
-@dataclass(frozen=True)
-class PassFacts:
-    """What one sampling pass of ``p`` is: its prompts and how the host schedules them."""
-
-    hires: bool
-    prompts: list[str]
-    negatives: list[str]
-    sampler_name: str
-    steps: int  # the schedule's step count for prompt editing (the first pass's)
-    hires_steps: int | None
-    width: int
-    height: int
-
-
-def pass_facts(p: Any) -> PassFacts:
-    hires = bool(getattr(p, "is_hr_pass", False))
-    if hires:
-        config = sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
-        steps = p.hr_second_pass_steps or p.steps
-        hires_steps = config.total_steps(steps) if config else steps
-        return PassFacts(True, list(p.hr_prompts), list(p.hr_negative_prompts), p.hr_sampler_name or p.sampler_name,
-                         p.firstpass_steps, hires_steps, p.hr_upscale_to_x, p.hr_upscale_to_y)
-    return PassFacts(False, list(p.prompts), list(p.negative_prompts), p.sampler_name, p.firstpass_steps, None,
-                     p.width, p.height)
-
-
-def uses_refiner(p: Any) -> bool:
-    """Whether ``p`` switches to a refiner checkpoint part way (1.6+)."""
-    return getattr(p, "refiner_checkpoint", None) not in (None, "", "None", "none")
-
-
-def batch_iteration(p: Any) -> int:
-    return int(p.iteration)
-
-
-def set_generation_param(p: Any, key: str, value: str) -> None:
-    p.extra_generation_params[key] = value
-
-
-def on_close(p: Any, callback: Callable[[], None]) -> None:
-    """Call ``callback`` when the host closes ``p``: it always does, after success or failure
-    (``with closing(p)`` around every txt2img/img2img run, UI and API)."""
-    close = p.close
-
-    def close_with_callback() -> None:
-        try:
-            callback()
-        finally:
-            close()
-
-    p.close = close_with_callback
 
 
 # -- the CFG denoiser ------------------------------------------------------------------------
@@ -301,25 +203,8 @@ def inpaint_region(denoiser: Any) -> torch.Tensor | None:
 # -- state: interrupt, progress ---------------------------------------------------------------
 
 
-def interrupted() -> bool:
-    return bool(shared.state.interrupted or shared.state.skipped)
-
-
 def raise_interrupted() -> None:
     raise sd_samplers_common.InterruptedException
-
-
-def set_progress_text(text: str) -> None:
-    shared.state.textinfo = text
-
-
-@contextlib.contextmanager
-def progress_text_kept() -> Iterator[None]:
-    text = shared.state.textinfo
-    try:
-        yield
-    finally:
-        shared.state.textinfo = text
 
 
 # -- prompts -----------------------------------------------------------------------------------
@@ -358,48 +243,9 @@ def _old_scheduling() -> bool:
 # -- the built-in Lora extension ------------------------------------------------------------------
 
 
-class LoraExtensionMissing(RuntimeError):
-    pass
-
-
-def networks() -> Any:
-    """The built-in Lora extension's ``networks`` module (loaded by the host with that extension)."""
-    try:
-        return importlib.import_module("networks")
-    except ImportError:
-        raise LoraExtensionMissing("CLoRA needs the built-in Lora extension, which is disabled") from None
-
-
-def lora_names() -> list[str]:
-    return sorted(networks().available_networks, key=str.lower)
-
-
-def refresh_loras() -> None:
-    networks().list_available_networks()
-
-
-def find_lora(name: str) -> Any:
-    """The host's entry (``NetworkOnDisk``) for ``name`` or its alias, listing the folder again once; or None."""
-    nets = networks()
-    found = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
-    if found is None:
-        nets.list_available_networks()
-        found = nets.available_networks.get(name) or nets.available_network_aliases.get(name)
-    return found
-
-
-def lora_path(entry: Any) -> str:
-    """The file of a host LoRA entry."""
-    return str(entry.filename)
-
-
 def lora_family(entry: Any) -> str:
     """"SD1", "SD2", "SDXL" or "Unknown", as the host read the file's metadata."""
     return getattr(getattr(entry, "sd_version", None), "name", "Unknown")
-
-
-def user_metadata(filename: str) -> dict:
-    return extra_networks.get_user_metadata(filename)
 
 
 def load_network(name: str, entry: Any) -> Any:
@@ -433,6 +279,8 @@ class NetworkModule:
 
 
 _KINDS = {"NetworkModuleLora": "lora", "NetworkModuleHada": "loha", "NetworkModuleLokr": "lokr"}
+
+
 _FACTORS = {
     "lora": {"up": "up_model", "down": "down_model", "mid": "mid_model"},
     "loha": {"w1a": "w1a", "w1b": "w1b", "w2a": "w2a", "w2b": "w2b", "t1": "t1", "t2": "t2"},
@@ -481,13 +329,3 @@ def text_encoder_networks(nets: list[tuple[Any, float]]) -> Iterator[None]:
         yield
     finally:
         loaded[:] = saved  # in place: the host holds this list
-
-
-# -- UI ----------------------------------------------------------------------------------------
-
-
-def ui_components() -> Any:
-    """The host's Gradio helpers (FormRow, InputAccordion, ToolButton)."""
-    from modules import ui_components
-
-    return ui_components

@@ -19,9 +19,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,44 +28,10 @@ import torch.nn as nn
 from ..lora_file import LoRAFileError, map_lora, read_lora_file
 from .. import formats
 from ..routing import Delta, HadamardDelta, LazyDelta, Route, RowRouter, routable
+from ..webui import host as webui
+from ..webui.loras import LoRACache, on_disk
+from ..webui.plan import CLoRARuntimeError
 from . import host
-from .plan import CLoRARuntimeError, suggest_names
-
-
-def lora_names() -> list[str]:
-    try:
-        return host.lora_names()
-    except host.LoraExtensionMissing:
-        return []
-
-
-def refresh() -> None:
-    try:
-        host.refresh_loras()
-    except host.LoraExtensionMissing:
-        pass
-
-
-def on_disk(name: str) -> Any:
-    """The host's entry for the installed LoRA ``name``; refused with a message when it is missing."""
-    try:
-        found = host.find_lora(name)
-    except host.LoraExtensionMissing as e:
-        raise CLoRARuntimeError(str(e)) from None
-    if found is None:
-        raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} is not installed; {suggest_names(name, lora_names())}")
-    if not host.lora_path(found).lower().endswith(".safetensors"):  # the host would unpickle .pt/.ckpt
-        raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} is not a .safetensors file; CLoRA never unpickles files")
-    return found
-
-
-def activation_text(name: str) -> str:
-    """The LoRA's "activation text" user metadata (the .json beside the file), or ''."""
-    try:
-        entry = on_disk(name)
-    except CLoRARuntimeError:
-        return ""
-    return str(host.user_metadata(host.lora_path(entry)).get("activation text", "") or "")
 
 
 @dataclass
@@ -81,27 +46,6 @@ class HostLoRA:
     skipped: int = 0  # modules the router cannot target (norm layers)
 
 
-CACHE_SIZE = 8  # LoRAs kept between generations (one generation's worth); CPU memory, about their files' size
-
-
-class LoRACache(OrderedDict):
-    """Loaded LoRAs by (name, path, mtime, model id), least recently used first out, at most
-    ``CACHE_SIZE``, kept until the file or the model changes: a checkpoint change drops every
-    entry of the old model. Both glues (A1111, Forge) keep theirs in one."""
-
-    def load(self, name: str, path: str, mtime: float, model: Any, build: Callable[[], Any]) -> Any:
-        key = (name, path, mtime, id(model))
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        for old in [k for k in self if k[0] == name or k[3] != id(model)]:
-            del self[old]
-        self[key] = build()
-        while len(self) > CACHE_SIZE:
-            self.popitem(last=False)
-        return self[key]
-
-
 _cache = LoRACache()
 
 
@@ -114,7 +58,7 @@ def load(name: str) -> HostLoRA:
     entry = on_disk(name)
     model = host.sd_model()
     _check_version(name, entry, model)
-    path = host.lora_path(entry)
+    path = webui.lora_path(entry)
     mtime = os.path.getmtime(path)
     return _cache.load(name, path, mtime, model, lambda: _load(name, entry, mtime, model))
 
@@ -227,7 +171,7 @@ def _load_with_reader(lora: HostLoRA, entry: Any, model: Any) -> None:
             f"CLoRA: the host cannot read LoRA {lora.name!r}, and the fallback reader handles SD1.x files only"
         )
     try:
-        weights = read_lora_file(host.lora_path(entry))
+        weights = read_lora_file(webui.lora_path(entry))
         mapped = map_lora(weights, host.unet(model), text_encoder=host.text_encoder(model))
     except LoRAFileError as e:
         raise CLoRARuntimeError(f"CLoRA: {e}") from None

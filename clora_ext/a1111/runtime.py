@@ -21,11 +21,11 @@ In img2img the schedule counts the steps that run at the denoising strength (the
 host's ``total_steps``); in inpainting the latent update acts inside the inpaint
 mask only, and the host's own blend keeps the rest of the image.
 
-``Generations`` owns the lifecycle: ``begin`` (the script's ``process``) opens a
-generation, and it is closed in one place, ``Generations.close_any``, when the host
-closes ``p``. A pass (one batch's sampling) takes its hooks off the model when
-sampling raises, when the next pass starts, or when its generation closes. Every
-access to the host goes through ``host``.
+The generation lifecycle is the shared one (``webui.pipeline``): ``begin`` (the script's
+``process``) opens a generation, closed when the host closes ``p``. A pass (one batch's
+sampling) takes its hooks off the model when sampling raises, when the next pass starts, or
+when its generation closes. Every access to the host goes through ``host`` (A1111's own) or
+``webui.host`` (what every web UI host shares).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
-import traceback
 from typing import Any, Callable, Sequence
 
 import torch
@@ -41,9 +40,10 @@ import torch
 from ..conditioning import ConditioningTable
 from ..engine import CLoRAEngine, EngineHooks, LoRAUse, update_summary
 from ..update import schedule_notes
-from . import encoding, host, infotext, lora_bridge, samplers
-from .params import CLoRAArgs, CLoRAArgsError, parse_args
-from .plan import (
+from ..webui import host as webui
+from ..webui import pipeline, samplers
+from ..webui.pipeline import Generations, GenerationState, controlnet_message, refused
+from ..webui.plan import (
     CLoRARuntimeError,
     FusedProxy,
     ProxyRows,
@@ -53,54 +53,8 @@ from .plan import (
     plan_variants,
     token_map_schedule,
 )
-from .previews import PreviewStore
-from .settings import row_cap, settings_defaults
-
-
-class RequestRefused(host.RefusalBase):
-    """A request CLoRA cannot run, as the host's API answers it: 422 with the message.
-
-    An HTTPException, because the host prints a full backtrace in its console for any
-    other exception; the message is printed here once instead.
-    """
-
-    def __init__(self, message: str):
-        super().__init__(status_code=422, detail=message)
-
-    def __str__(self) -> str:
-        return str(self.detail)
-
-
-class HostError(host.RefusalBase):
-    """An unexpected error inside a CLoRA pass (a host function that changed, a failing adapter, ...),
-    as the API answers it: 500 with one line naming CLoRA, the host and its version; the traceback
-    goes to the console once."""
-
-    def __init__(self, message: str):
-        super().__init__(status_code=500, detail=message)
-
-    def __str__(self) -> str:
-        return str(self.detail)
-
-
-def refused(error: BaseException, host_label: str) -> BaseException:
-    """The host-facing form of an error inside a CLoRA pass: CLoRA's own refusals answer 422 with
-    their message; any other Exception answers 500 with one line (``HostError``); the host's own
-    interruptions (BaseException, not Exception) and errors already in that form pass unchanged."""
-    if isinstance(error, (CLoRARuntimeError, CLoRAArgsError)):
-        message = str(error) if str(error).startswith("CLoRA") else f"CLoRA: {error}"
-        print(f"{message} (request refused)")
-        return RequestRefused(message)
-    if not isinstance(error, Exception) or isinstance(error, host.RefusalBase):
-        return error
-    text = " ".join(str(error).split())
-    if len(text) > 300:
-        text = text[:300] + " ..."
-    message = (f"CLoRA on {host_label} failed: {type(error).__name__}: {text}. The traceback is in the "
-               "console; please report it with the host's version")
-    traceback.print_exception(type(error), error, error.__traceback__)
-    print(message)
-    return HostError(message)
+from ..webui.settings import row_cap
+from . import encoding, host, lora_bridge
 
 
 def install() -> None:
@@ -120,7 +74,16 @@ def install() -> None:
     host.wrap_denoiser_forward(make, __name__)
 
 
-def check_host() -> None:
+def begin(p: Any, args: Sequence[Any]) -> None:
+    """The script's ``process`` (``pipeline.begin``) with A1111's own refusals."""
+    pipeline.begin(generations, p, args, check_host)
+
+
+def previews_of(p: Any) -> list:
+    return pipeline.previews_of(generations, p)
+
+
+def check_host(p: Any) -> None:
     """Refuse host setups whose UNet is not the ldm/sgm module CLoRA hooks into."""
     label = host.replaced_unet_label()  # a replaced UNet (TensorRT, ...) never runs our layers
     if label is not None:
@@ -129,134 +92,7 @@ def check_host() -> None:
         )
 
 
-def begin(p: Any, args: Sequence[Any]) -> None:
-    """The script's ``process``: parse the request and open its generation.
-
-    Errors in the arguments cannot be raised here (the host logs and swallows script
-    exceptions in ``process``): a generation opened with the error fails at its first
-    model call, which fails the request (HTTP 422 through the API), so a request that
-    asks for CLoRA is never run without it.
-    """
-    generations.close_any()  # what a run that never closed its p left open (X/Y/Z plot's copies)
-    try:
-        parsed = parse_args(args, settings_defaults())
-    except CLoRAArgsError as e:
-        if wants_clora(args):
-            generations.open(p, None, e)
-        return
-    if not parsed.enabled:
-        return
-    if not parsed.concepts:
-        print("CLoRA: enabled without any concept row (subject + LoRA); nothing to do")
-        return
-    try:
-        check_host()
-        if not (host.is_txt2img(p) or host.is_img2img(p)):
-            raise CLoRARuntimeError(f"CLoRA: {type(p).__name__} is neither txt2img nor img2img; CLoRA runs in those two")
-        refuse_refiner(p)
-        units = host.controlnet_units_enabled(p)
-        if units:
-            raise CLoRARuntimeError(controlnet_message(f"ControlNet unit {units[0]} is enabled"))
-        for concept in parsed.concepts:
-            lora_bridge.on_disk(concept.lora)  # fail early, naming a LoRA that is missing
-    except CLoRARuntimeError as e:
-        generations.open(p, None, e)
-        return
-    host.set_generation_param(p, infotext.KEY, infotext.dump(parsed))
-    generations.open(p, parsed)
-
-
-def refuse_refiner(p: Any) -> None:
-    """The refiner switch loads another checkpoint part way, which the concepts' LoRAs do not fit
-    (both glues: the Forge family keeps A1111's switch)."""
-    if host.uses_refiner(p):
-        raise CLoRARuntimeError("CLoRA: the refiner switch is not supported; turn the refiner off to use CLoRA")
-
-
-def controlnet_message(what: str) -> str:
-    # its UNet hook cannot tell CLoRA's variant rows cond from uncond, and it runs the UNet's
-    # encoder without gradients, so the latent updates would silently do nothing
-    return (f"CLoRA: {what}; CLoRA does not run together with ControlNet yet. "
-            "Disable the ControlNet units or CLoRA")
-
-
-def previews_of(p: Any) -> list:
-    """The script's ``postprocess``: the gallery previews of ``p``'s generation (none when off)."""
-    generation = generations.serving(p)
-    if generation is None or generation.args is None or not generation.args.previews:
-        return []
-    return generation.previews.images()
-
-
-def wants_clora(args: Sequence[Any]) -> bool:
-    if not args:
-        return False
-    first = args[0]
-    return bool(first.get("enabled", True)) if isinstance(first, dict) else bool(first)
-
-
-class Generations:
-    """The owner of CLoRA generations: at most one is open, opened by ``open`` and closed
-    only by ``close_any``, when the host closes its ``p`` (after success or failure) or when
-    the next generation starts. ``make(p, args, error)`` builds a generation: each glue
-    (A1111, Forge) has its own ``Generation`` and shares this owner."""
-
-    def __init__(self, make: Callable[[Any, CLoRAArgs | None, Exception | None], Any]) -> None:
-        self._make = make
-        self._open: Any = None
-
-    def open(self, p: Any, args: CLoRAArgs | None, error: Exception | None = None) -> Any:
-        self.close_any()
-        generation = self._make(p, args, error)
-        self._open = generation
-        host.on_close(p, lambda: self.close_any(p))
-        return generation
-
-    def serving(self, p: Any) -> Any:
-        """The open generation of ``p``, if any."""
-        generation = self._open
-        return generation if generation is not None and p is not None and generation.p is p else None
-
-    def close_any(self, p: Any = None) -> None:
-        """Close the open generation (only ``p``'s when given); idempotent."""
-        generation = self._open
-        if generation is None or (p is not None and generation.p is not p):
-            return
-        self._open = None
-        generation.close()
-
-
 generations = Generations(lambda p, args, error: Generation(p, args, error))
-
-
-class GenerationState:
-    """One CLoRA generation (all batches, both passes), for both glues: its arguments (or the error
-    that refuses it), notes, previews and current pass (the glue's own, with ``close()``)."""
-
-    def __init__(self, p: Any, args: CLoRAArgs | None, error: Exception | None):
-        self.p = p
-        self.args = args
-        self.error = error
-        self.notes: list[str] = []
-        self.previews = PreviewStore()
-        self._pass: Any = None
-
-    def note(self, message: str) -> None:
-        """Said once in the console and recorded in the infotext entry."""
-        message = message.removeprefix("CLoRA: ")
-        if message in self.notes:
-            return
-        self.notes.append(message)
-        print(f"CLoRA: {message}")
-        host.set_generation_param(self.p, infotext.KEY, infotext.dump(self.args, self.notes))
-
-    def close_pass(self) -> None:
-        if self._pass is not None:
-            self._pass.close()
-            self._pass = None
-
-    def close(self) -> None:
-        self.close_pass()
 
 
 class Generation(GenerationState):
@@ -265,7 +101,7 @@ class Generation(GenerationState):
     def forward(self, original, denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         if self.error is not None:
             raise refused(self.error, host.host_label())
-        if host.interrupted():  # the host's forward raises InterruptedException
+        if webui.interrupted():  # the host's forward raises InterruptedException
             return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
         try:
             if host.controlnet_marked(cond):  # hooked by ControlNet without an enabled unit in its args
@@ -297,7 +133,7 @@ class Pass:
         self.generation = generation
         self.denoiser = denoiser
         self.model = host.sd_model()
-        facts = host.pass_facts(p)
+        facts = webui.pass_facts(p)
         self.hires = facts.hires
         if host.is_unclip(self.model):
             raise CLoRARuntimeError("CLoRA does not support unCLIP checkpoints")
@@ -339,7 +175,7 @@ class Pass:
         variant_loras = [
             [LoRAUse(name, unet_deltas[name], weight) for name, weight in lora_set] for lora_set in self.plan.unet_loras
         ]
-        hooks = EngineHooks(on_refine=_on_refine, interrupted=host.interrupted, warn=generation.note)
+        hooks = EngineHooks(on_refine=_on_refine, interrupted=webui.interrupted, warn=generation.note)
         self.engine = CLoRAEngine(unet, variant_loras, self.token_maps[0][0][1], args.engine_settings(), hooks)
         self.engine.max_rows = row_cap(len(facts.prompts) * self.plan.n_variants)
         self.engine.__enter__()
@@ -367,12 +203,12 @@ class Pass:
         maps = [segments[pick_segment([e for e, _ in segments], step)][1] for segments in self.token_maps]
         generation = self.generation
         previews = not self.hires and generation.args.previews
-        iteration = host.batch_iteration(generation.p)
+        iteration = webui.batch_iteration(generation.p)
 
         def on_group(group: list[int], out: Any) -> None:
             generation.previews.record(iteration, group, out, maps[group[0]], self.plan)
 
-        with host.progress_text_kept():
+        with webui.progress_text_kept():
             return fused_step(
                 self.engine, host.inner_model(denoiser), self.rows, x, sigma, image_cond, self._cond_table(step), maps,
                 step, host.denoiser_total_steps(denoiser), self.sigma_space, self.updates,
@@ -406,9 +242,9 @@ def _return_freed_memory() -> None:
 
 
 def _on_refine(i: int, n: int) -> None:
-    host.set_progress_text(f"CLoRA refine {i}/{n}")
+    webui.set_progress_text(f"CLoRA refine {i}/{n}")
 
 
 def _stop_if_interrupted(module: Any, args: Any) -> None:
-    if host.interrupted():
+    if webui.interrupted():
         host.raise_interrupted()

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from modules import script_callbacks
 
-from . import runtime, ui
-from .script_base import CLoRAScriptBase
+from ..webui import ui
+from ..webui.script_base import CLoRAScriptBase
+from . import runtime
 
 runtime.install()
 script_callbacks.on_ui_settings(ui.register_settings)

@@ -64,8 +64,8 @@ import torch
 from modules import prompt_parser, sd_samplers_common, shared
 
 from .. import formats
-from ..a1111 import host as webui
-from ..a1111.compat import CLASSIC, FORGE2, NEO, REFORGE, forge_flavour
+from ..webui import host as webui
+from ..webui.compat import CLASSIC, FORGE2, NEO, REFORGE, forge_flavour
 
 NAMES = {NEO: "Forge Neo", FORGE2: "Forge 2.x", REFORGE: "reForge", CLASSIC: "Forge Classic"}
 

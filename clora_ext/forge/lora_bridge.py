@@ -23,9 +23,9 @@ import torch
 
 from .. import formats
 from ..routing import Delta, LazyDelta
-from ..a1111 import host as webui
-from ..a1111.lora_bridge import LoRACache, on_disk
-from ..a1111.plan import CLoRARuntimeError
+from ..webui import host as webui
+from ..webui.loras import LoRACache, on_disk
+from ..webui.plan import CLoRARuntimeError
 from . import host
 
 PREFIX, SUFFIX = "diffusion_model.", ".weight"

@@ -36,10 +36,10 @@ import torch
 from ..conditioning import ConditioningTable
 from ..engine import CLoRAEngine, EngineHooks, LoRAUse, update_summary
 from ..update import schedule_notes
-from ..a1111 import host as webui
-from ..a1111 import infotext, samplers
-from ..a1111.params import CLoRAArgsError, parse_args
-from ..a1111.plan import (
+from ..webui import host as webui
+from ..webui import pipeline, samplers
+from ..webui.pipeline import Generations, GenerationState, controlnet_message, refused
+from ..webui.plan import (
     ChunkedTokenizer,
     CLoRARuntimeError,
     ProxyRows,
@@ -50,8 +50,7 @@ from ..a1111.plan import (
     plan_variants,
     token_map_schedule,
 )
-from ..a1111.runtime import Generations, GenerationState, controlnet_message, refuse_refiner, refused, wants_clora
-from ..a1111.settings import row_cap, settings_defaults
+from ..webui.settings import row_cap
 from . import host, lora_bridge
 
 
@@ -59,32 +58,8 @@ FAMILY_NAMES = {"SD1": "SD1.x", "SDXL": "SDXL"}  # host.model_family's names, as
 
 
 def begin(p: Any, args: Sequence[Any]) -> None:
-    generations.close_any()
-    try:
-        parsed = parse_args(args, settings_defaults())
-    except CLoRAArgsError as e:
-        if wants_clora(args):
-            generations.open(p, None, e)
-        return
-    if not parsed.enabled:
-        return
-    if not parsed.concepts:
-        print("CLoRA: enabled without any concept row (subject + LoRA); nothing to do")
-        return
-    try:
-        if not (webui.is_txt2img(p) or webui.is_img2img(p)):
-            raise CLoRARuntimeError(f"CLoRA: {type(p).__name__} is neither txt2img nor img2img; CLoRA runs in those two")
-        refuse_refiner(p)
-        units = webui.controlnet_units_enabled(p)  # the host's built-in ControlNet: its script's args, as on A1111
-        if units:
-            raise CLoRARuntimeError(controlnet_message(f"ControlNet unit {units[0]} is enabled"))
-        for concept in parsed.concepts:
-            lora_bridge.on_disk(concept.lora)
-    except CLoRARuntimeError as e:
-        generations.open(p, None, e)
-        return
-    webui.set_generation_param(p, infotext.KEY, infotext.dump(parsed))
-    generations.open(p, parsed)
+    """The script's ``process`` (``pipeline.begin``); the Forge family's own refusals come with each pass."""
+    pipeline.begin(generations, p, args)
 
 
 def before_sampling(p: Any) -> None:
@@ -96,10 +71,7 @@ def before_sampling(p: Any) -> None:
 
 
 def previews_of(p: Any) -> list:
-    generation = generations.serving(p)
-    if generation is None or generation.args is None or not generation.args.previews:
-        return []
-    return generation.previews.images()
+    return pipeline.previews_of(generations, p)
 
 
 generations = Generations(lambda p, args, error: Generation(p, args, error))

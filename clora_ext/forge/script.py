@@ -7,8 +7,8 @@ from typing import Any
 
 from modules import script_callbacks
 
-from ..a1111 import ui
-from ..a1111.script_base import CLoRAScriptBase
+from ..webui import ui
+from ..webui.script_base import CLoRAScriptBase
 from . import runtime
 
 script_callbacks.on_ui_settings(ui.register_settings)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from modules import processing, shared
 
-from clora_ext.a1111.infotext import KEY
-from clora_ext.a1111.runtime import RequestRefused
+from clora_ext.webui.infotext import KEY
+from clora_ext.webui.pipeline import RequestRefused
 from clora_ext.forge import runtime
 
 from driver import clora, generate
@@ -318,7 +318,7 @@ def test_an_enabled_controlnet_unit_is_refused(fake_host, fake_model):
 def test_a_controlnet_attached_to_the_patcher_is_refused(fake_host, fake_model, monkeypatch):
     """A ControlNet that CLoRA's argument check does not see (no unit enabled in its args) but that is
     attached to the UNet patcher when sampling starts."""
-    from clora_ext.a1111 import host as webui
+    from clora_ext.webui import host as webui
 
     monkeypatch.setattr(webui, "controlnet_units_enabled", lambda p: [])
     p = txt2img(script_args=(clora(*PAIR), {"enabled": True}, {"enabled": False}))
@@ -472,7 +472,7 @@ def test_a_host_error_inside_a_pass_answers_one_line_and_the_next_request_runs(f
     """An unexpected error of the host inside a CLoRA pass (here: KModel.apply_model failing once, as
     a changed host signature would) answers 500 with one line naming CLoRA, the host and its version;
     the traceback goes to the console; nothing stays on the model, and the next request runs."""
-    from clora_ext.a1111.runtime import HostError
+    from clora_ext.webui.pipeline import HostError
     from clora_ext.forge import host
 
     expected = generate(txt2img(script_args=(clora(*PAIR),))).images[0]

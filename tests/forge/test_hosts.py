@@ -11,7 +11,7 @@ import types
 import pytest
 
 import modules_forge.forge_version as forge_version
-from clora_ext.a1111 import compat
+from clora_ext.webui import compat
 from clora_ext.forge import host
 
 ENTRY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts", "clora.py")

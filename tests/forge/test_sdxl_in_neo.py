@@ -13,8 +13,8 @@ from modules import processing, prompt_parser
 
 from backend.patcher.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
 from backend.utils import load_torch_file
-from clora_ext.a1111.infotext import KEY
-from clora_ext.a1111.runtime import RequestRefused
+from clora_ext.webui.infotext import KEY
+from clora_ext.webui.pipeline import RequestRefused
 
 from driver import clora, generate
 from tolerance import close, scaled

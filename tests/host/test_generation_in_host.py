@@ -10,7 +10,8 @@ import torch
 from modules import processing, prompt_parser, shared
 
 from clora_ext.a1111 import runtime
-from clora_ext.a1111.infotext import KEY
+from clora_ext.webui import pipeline
+from clora_ext.webui.infotext import KEY
 
 from driver import clora, generate
 
@@ -62,7 +63,7 @@ def test_a_host_error_inside_a_pass_answers_one_line_and_the_next_request_runs(f
     monkeypatch.setattr(encoding, "encode", failing)
     capsys.readouterr()
     p = txt2img(script_args=(clora(*PAIR),))
-    with pytest.raises(runtime.HostError) as failed:
+    with pytest.raises(pipeline.HostError) as failed:
         generate(p)
     assert failed.value.status_code == 500 and "\n" not in failed.value.detail
     assert failed.value.detail.startswith("CLoRA on AUTOMATIC1111")
@@ -82,7 +83,7 @@ def test_batch_and_iterations(fake_host, capsys):
 
 def test_a_refused_request_fails_with_422_and_leaves_nothing(fake_host):
     p = txt2img(script_args=(clora(("cat", "nope"), ("dog", "dog_lora")),))
-    with pytest.raises(runtime.RequestRefused) as refused:
+    with pytest.raises(pipeline.RequestRefused) as refused:
         generate(p)
     assert refused.value.status_code == 422 and "'nope' is not installed" in refused.value.detail
     assert p.closed and runtime.generations.serving(p) is None
@@ -90,7 +91,7 @@ def test_a_refused_request_fails_with_422_and_leaves_nothing(fake_host):
 
 def test_a_subject_missing_from_the_prompt_is_refused(fake_host):
     p = txt2img(prompt="a cat and a bird", script_args=(clora(*PAIR),))
-    with pytest.raises(runtime.RequestRefused, match="dog"):
+    with pytest.raises(pipeline.RequestRefused, match="dog"):
         generate(p)
 
 
@@ -198,7 +199,7 @@ def test_inpainting_updates_only_inside_the_mask(fake_host, monkeypatch):
 
 def test_instruct_pix2pix_is_refused(fake_host, fake_model, monkeypatch):
     monkeypatch.setattr(type(fake_model), "cond_stage_key", "edit")
-    with pytest.raises(runtime.RequestRefused, match="instruct-pix2pix"):
+    with pytest.raises(pipeline.RequestRefused, match="instruct-pix2pix"):
         generate(txt2img(script_args=(clora(*PAIR),)))
 
 
@@ -206,7 +207,7 @@ def test_an_enabled_controlnet_unit_is_refused(fake_host):
     controlnet = SimpleNamespace(title=lambda: "ControlNet", args_from=1, args_to=3)
     p = txt2img(script_args=(clora(*PAIR), {"enabled": False}, {"enabled": True}))
     p.scripts = SimpleNamespace(alwayson_scripts=[controlnet])
-    with pytest.raises(runtime.RequestRefused, match="ControlNet unit 1 is enabled"):
+    with pytest.raises(pipeline.RequestRefused, match="ControlNet unit 1 is enabled"):
         generate(p)
 
 
@@ -219,7 +220,7 @@ def test_conds_marked_by_controlnet_are_refused_and_the_hosts_cache_forgotten(fa
 
     monkeypatch.setattr(prompt_parser, "get_learned_conditioning", marked)
     processing.StableDiffusionProcessing.cached_c = ["marked", "conds"]
-    with pytest.raises(runtime.RequestRefused, match="ControlNet is active"):
+    with pytest.raises(pipeline.RequestRefused, match="ControlNet is active"):
         generate(txt2img(script_args=(clora(*PAIR),)))
     assert processing.StableDiffusionProcessing.cached_c == [None, None]
 
@@ -227,5 +228,5 @@ def test_conds_marked_by_controlnet_are_refused_and_the_hosts_cache_forgotten(fa
 def test_the_refiner_switch_is_refused(fake_host):
     p = txt2img(script_args=(clora(*PAIR),))
     p.refiner_checkpoint = "sd_xl_refiner_1.0"
-    with pytest.raises(runtime.RequestRefused, match="refiner switch is not supported"):
+    with pytest.raises(pipeline.RequestRefused, match="refiner switch is not supported"):
         generate(p)

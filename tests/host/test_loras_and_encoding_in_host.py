@@ -7,7 +7,8 @@ import torch
 
 import networks
 from clora_ext.a1111 import encoding, lora_bridge
-from clora_ext.a1111.plan import CLoRARuntimeError, plan_variants
+from clora_ext.webui import loras
+from clora_ext.webui.plan import CLoRARuntimeError, plan_variants
 from clora_ext.concepts import Composition, Concept
 from clora_ext.routing import HadamardDelta, KroneckerDelta, LowRankDelta
 from tolerance import close
@@ -36,7 +37,7 @@ def test_text_encoder_part_stays_the_hosts_and_only_its_modules(fake_host):
 def test_cache_is_bounded_least_recently_used_and_dropped_with_the_model(fake_host, monkeypatch):
     from world import FakeSDModel
 
-    monkeypatch.setattr(lora_bridge, "CACHE_SIZE", 2)
+    monkeypatch.setattr(loras, "CACHE_SIZE", 2)
     first = lora_bridge.load("cat_lora")
     lora_bridge.load("dog_lora")
     assert lora_bridge.load("cat_lora") is first  # a hit

@@ -22,7 +22,7 @@ def ieee_floats():
 
 
 with ieee_floats():
-    from clora_ext.a1111.params import POSITIONAL_LENGTH, CLoRAArgs, CLoRAArgsError, ConceptArgs, parse_args
+    from clora_ext.webui.params import POSITIONAL_LENGTH, CLoRAArgs, CLoRAArgsError, ConceptArgs, parse_args
     from clora_ext.concepts import Role
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from clora_ext.a1111.params import CLoRAArgsError, parse_args
-from clora_ext.a1111.plan import suggest_names
+from clora_ext.webui.params import CLoRAArgsError, parse_args
+from clora_ext.webui.plan import suggest_names
 
 CAT_DOG = [{"subject": "cat", "lora": "cat_lora"}, {"subject": "dog", "lora": "dog_lora"}]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clora_ext.a1111.compat import parse_version, unsupported_reason
+from clora_ext.webui.compat import parse_version, unsupported_reason
 
 
 @pytest.mark.parametrize("tag,version", [
@@ -23,7 +23,7 @@ def test_older_hosts_are_refused_with_the_supported_range():
 
 
 def test_the_four_forges_are_served_and_other_forges_named():
-    from clora_ext.a1111.compat import forge_flavour, forge_reason
+    from clora_ext.webui.compat import forge_flavour, forge_reason
 
     assert forge_flavour("neo", True, False) == "neo"
     assert forge_flavour("2.0.1v1.10.1", True, False) == "forge2"  # lllyasviel Forge 2.x (backend/, no ldm_patched)

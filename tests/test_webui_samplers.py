@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clora_ext.a1111.samplers import SUPPORT, support
+from clora_ext.webui.samplers import SUPPORT, support
 
 # (label, function name) of every sampler A1111 v1.10.1 offers (sd_samplers_kdiffusion, _timesteps, _lcm)
 HOST_1_10_1 = [

@@ -8,7 +8,7 @@ import gradio as gr
 
 from ..concepts import MAX_CONCEPTS, Role
 from ..masks import MaskTokens, MaskUpsampling, Morphology
-from . import host, lora_bridge
+from . import host, loras
 from .params import NO_LORA, ROW_FIELDS, SETTING_FIELDS, VERSION, CLoRAArgs, ConceptArgs, ui_value
 from .settings import CATEGORY, MAX_ROWS_KEY, SECTION, option_key, settings_defaults
 
@@ -56,7 +56,7 @@ def build(is_img2img: bool) -> list:
         return f"clora-{tab}-{name}"
 
     defaults = settings_defaults()
-    names = [NO_LORA, *lora_bridge.lora_names()]
+    names = [NO_LORA, *loras.lora_names()]
     row_defaults = ConceptArgs.__fields__
     inputs: list = []
     dropdowns: list[gr.Dropdown] = []
@@ -87,7 +87,7 @@ def build(is_img2img: bool) -> list:
                         dropdowns.append(row[name])
                     else:
                         row[name] = _component(name, default, elem_id=elem(f"{name}-{i}"))
-                row["lora"].input(fn=lora_bridge.activation_text, inputs=[row["lora"]], outputs=[row["trigger"]], show_progress=False)
+                row["lora"].input(fn=loras.activation_text, inputs=[row["lora"]], outputs=[row["trigger"]], show_progress=False)
                 inputs.extend(row[name] for name in ROW_FIELDS)
         if more is not None:
             more.__exit__(None, None, None)
@@ -101,8 +101,8 @@ def build(is_img2img: bool) -> list:
 
 def _refresh(count: int) -> Callable[[], list]:
     def refresh() -> list:
-        lora_bridge.refresh()
-        choices = [NO_LORA, *lora_bridge.lora_names()]
+        loras.refresh()
+        choices = [NO_LORA, *loras.lora_names()]
         return [gr.update(choices=choices) for _ in range(count)]
 
     return refresh

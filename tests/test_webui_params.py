@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from clora_ext.a1111.params import (
+from clora_ext.webui.params import (
     NO_LORA,
     POSITIONAL_LENGTH,
     CLoRAArgs,
@@ -23,8 +23,8 @@ TWO = {"concepts": [{"subject": "cat", "lora": "cat_lora", "trigger": "sks"}, {"
 
 def test_pure_modules_import_without_the_host():
     code = (
-        "import sys; import clora_ext.a1111.params, clora_ext.a1111.infotext, clora_ext.a1111.plan, "
-        "clora_ext.a1111.previews; "
+        "import sys; import clora_ext.webui.params, clora_ext.webui.infotext, clora_ext.webui.plan, "
+        "clora_ext.webui.previews; "
         "sys.exit(1 if any(m == 'modules' or m.startswith('modules.') for m in sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

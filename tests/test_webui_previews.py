@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from clora_ext.a1111.plan import plan_variants
-from clora_ext.a1111.previews import PreviewStore
+from clora_ext.webui.plan import plan_variants
+from clora_ext.webui.previews import PreviewStore
 from clora_ext.concepts import Composition, Concept
 from clora_ext.engine import StepOutput
 from clora_ext.tokens import TokenMapSpec

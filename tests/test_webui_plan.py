@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from clora_ext.a1111.plan import (
+from clora_ext.webui.plan import (
     ChunkedTokenizer,
     CLoRARuntimeError,
     FusedProxy,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from clora_ext.a1111 import infotext
-from clora_ext.a1111.params import POSITIONAL_LENGTH, VERSION, parse_args, to_positional
+from clora_ext.webui import infotext
+from clora_ext.webui.params import POSITIONAL_LENGTH, VERSION, parse_args, to_positional
 
 ARGS = {
     "concepts": [

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from clora_ext.a1111.plan import FusedProxy, ProxyRows, fused_step
+from clora_ext.webui.plan import FusedProxy, ProxyRows, fused_step
 from clora_ext.conditioning import ConditioningTable
 from clora_ext.concepts import Composition, Concept
 from clora_ext.engine import CLoRAEngine, EngineSettings, LoRAUse
