@@ -30,30 +30,16 @@ when its generation closes. Every access to the host goes through ``host`` (A111
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import sys
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..conditioning import ConditioningTable
-from ..engine import CLoRAEngine, EngineHooks, LoRAUse, update_summary
-from ..update import schedule_notes
 from ..webui import host as webui
-from ..webui import pipeline, samplers
+from ..webui import pipeline
 from ..webui.pipeline import Generations, GenerationState, controlnet_message, refused
-from ..webui.plan import (
-    CLoRARuntimeError,
-    FusedProxy,
-    ProxyRows,
-    check_single_conds,
-    fused_step,
-    pick_segment,
-    plan_variants,
-    token_map_schedule,
-)
-from ..webui.settings import row_cap
+from ..webui.plan import ChunkedTokenizer, CLoRARuntimeError, FusedProxy, VariantPlan, check_single_conds
+from ..webui.samplers import SamplerSupport
 from . import encoding, host, lora_bridge
 
 
@@ -106,11 +92,14 @@ class Generation(GenerationState):
         try:
             if host.controlnet_marked(cond):  # hooked by ControlNet without an enabled unit in its args
                 raise CLoRARuntimeError(controlnet_message("ControlNet is active for this generation"))
-            if self._pass is None or not self._pass.serves(denoiser):
+            if self._pass is None or not self._pass.port.serves(denoiser):
                 self.close_pass()
-                self._pass = Pass(self, denoiser, cond)
-            fused = self._pass.step(denoiser, x, sigma, image_cond)
-            proxy = FusedProxy(host.inner_model(denoiser), fused, self._pass.rows)
+                self._pass = pipeline.Pass(self, Port(denoiser, cond))
+            inner = host.inner_model(denoiser)
+            fused = self._pass.step(inner, x, sigma, image_cond, host.denoiser_step(denoiser),
+                                    host.denoiser_total_steps(denoiser), host.sigma_space(denoiser),
+                                    host.inpaint_region(denoiser))
+            proxy = FusedProxy(inner, fused, self._pass.rows)
             with host.inner_model_replaced(denoiser, proxy):
                 return original(denoiser, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond)
         except BaseException as e:  # sampling ends here: take the hooks off the model now
@@ -125,126 +114,58 @@ class Generation(GenerationState):
         host.forget_cached_conds(self.p)
 
 
-class Pass:
-    """One sampling pass (one batch, first pass or hires): its variants, conds, token maps and engine."""
+class Port:
+    """A1111's side of one sampling pass (``pipeline.PassPort``): the pass runs inside ``denoiser``'s
+    forward, on the loaded checkpoint's ldm/sgm UNet, with ordinary autograd."""
 
-    def __init__(self, generation: Generation, denoiser: Any, cond: Any):
-        p = generation.p
-        self.generation = generation
+    functional_gradient = False
+
+    def __init__(self, denoiser: Any, cond: Any):
         self.denoiser = denoiser
+        self.cond = cond
         self.model = host.sd_model()
-        facts = webui.pass_facts(p)
-        self.hires = facts.hires
-        if host.is_unclip(self.model):
-            raise CLoRARuntimeError("CLoRA does not support unCLIP checkpoints")
-        if host.is_edit_model(self.model):
-            raise CLoRARuntimeError("CLoRA does not support instruct-pix2pix (edit) checkpoints")
-        check_single_conds(host.subprompt_counts(cond))
-        args = generation.args
-        composition = args.composition()
-        try:
-            self.plan = plan_variants(composition, facts.prompts, facts.negatives)
-        except ValueError as e:
-            raise CLoRARuntimeError(f"CLoRA: {e}") from None
-        self.loras = {c.lora: lora_bridge.load(c.lora) for c in args.concepts}
-        schedule = encoding.Schedule(facts.steps, facts.hires_steps, facts.width, facts.height)
-        self.conds = encoding.encode(self.plan, self.loras, schedule)
-        self.cond_ends = [[end for end, _ in conds] for conds in self.conds]
-        tokenizer = encoding.host_tokenizer()
-        self.token_maps = []
-        for variants in self.plan.variants:
-            schedules = schedule.prompt_schedules([v.prompt for v in variants])
-            self.token_maps.append(token_map_schedule(composition, variants, tokenizer, schedules))
-        self.rows = ProxyRows(len(facts.prompts), self.plan.n_variants)
-        self.sigma_space = host.sigma_space(denoiser)
-        sampler = samplers.support(host.sampler_function(denoiser))
-        self.updates = not self.hires and sampler.updates
-        if self.hires:
-            generation.note("hires pass: masks and routing only, no latent updates")
-        elif not self.updates:
-            generation.note(f"sampler {facts.sampler_name!r} {sampler.reason}: masks and fusion only, no latent updates")
-        else:
-            steps = host.denoiser_total_steps(denoiser)
-            calls = steps - 1 if sampler.one_step_fewer else None
-            for message in schedule_notes(args.engine_settings().schedule, steps, calls, len(composition.content)):
-                generation.note(message)
-        unet = host.unet(self.model)
-        # this pass's device copies of the cached (CPU) deltas: gone with the pass
-        param = next(unet.parameters())
-        unet_deltas = {name: lora_bridge.on_device(lora.unet, param.device, param.dtype) for name, lora in self.loras.items()}
-        variant_loras = [
-            [LoRAUse(name, unet_deltas[name], weight) for name, weight in lora_set] for lora_set in self.plan.unet_loras
-        ]
-        hooks = EngineHooks(on_refine=_on_refine, interrupted=webui.interrupted, warn=generation.note)
-        self.engine = CLoRAEngine(unet, variant_loras, self.token_maps[0][0][1], args.engine_settings(), hooks)
-        self.engine.max_rows = row_cap(len(facts.prompts) * self.plan.n_variants)
-        self.engine.__enter__()
-        # Interrupt/Skip stop a (gradient) UNet pass between blocks, not only between passes
-        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-        self._stops = [block.register_forward_pre_hook(_stop_if_interrupted) for block in blocks]
 
     def serves(self, denoiser: Any) -> bool:
         return denoiser is self.denoiser and host.sd_model() is self.model
 
-    def _cond_table(self, step: int) -> ConditioningTable:
-        """Conds of every (uncond, variant, image) row at ``step``, stacked in ProxyRows.table_index order."""
-        plan = self.plan
-        rows = []
-        for jobs in (plan.cond_job, plan.uncond_job):
-            for v in range(plan.n_variants):
-                for image in range(len(jobs)):
-                    j = jobs[image][v]
-                    rows.append(self.conds[j][pick_segment(self.cond_ends[j], step)][1])
+    def check_model(self) -> None:
+        if host.is_unclip(self.model):
+            raise CLoRARuntimeError("CLoRA does not support unCLIP checkpoints")
+        if host.is_edit_model(self.model):
+            raise CLoRARuntimeError("CLoRA does not support instruct-pix2pix (edit) checkpoints")
+        check_single_conds(host.subprompt_counts(self.cond))
+
+    def load_lora(self, name: str) -> lora_bridge.HostLoRA:
+        return lora_bridge.load(name)
+
+    def deltas_on_device(self, deltas: dict, device: torch.device, dtype: torch.dtype) -> dict:
+        return lora_bridge.on_device(deltas, device, dtype)
+
+    def encode(self, plan: VariantPlan, loras: dict, facts: webui.PassFacts) -> list[list[tuple[int, Any]]]:
+        return encoding.encode(plan, loras, _encoding_schedule(facts))
+
+    def tokenizer(self) -> ChunkedTokenizer:
+        return encoding.host_tokenizer()
+
+    def prompt_schedules(self, texts: list[str], facts: webui.PassFacts) -> list[list[tuple[int, str]]]:
+        return _encoding_schedule(facts).prompt_schedules(texts)
+
+    def sampler_function(self) -> str | None:
+        return host.sampler_function(self.denoiser)
+
+    def model_calls(self, total_steps: int, sampler: SamplerSupport) -> int | None:
+        return total_steps - 1 if sampler.one_step_fewer else None
+
+    def attach(self) -> torch.nn.Module:
+        return host.unet(self.model)  # the denoiser wrapper (``install``) is the hook
+
+    def pad_cond(self) -> torch.Tensor | None:
         # the host runs cond and uncond at their own lengths unless told to pad them
-        return ConditioningTable(rows, host.empty_prompt_cond(self.model) if host.pads_cond_uncond() else None)
+        return host.empty_prompt_cond(self.model) if host.pads_cond_uncond() else None
 
-    def step(self, denoiser: Any, x: torch.Tensor, sigma: torch.Tensor, image_cond: torch.Tensor) -> torch.Tensor:
-        step = host.denoiser_step(denoiser)
-        maps = [segments[pick_segment([e for e, _ in segments], step)][1] for segments in self.token_maps]
-        generation = self.generation
-        previews = not self.hires and generation.args.previews
-        iteration = webui.batch_iteration(generation.p)
-
-        def on_group(group: list[int], out: Any) -> None:
-            generation.previews.record(iteration, group, out, maps[group[0]], self.plan)
-
-        with webui.progress_text_kept():
-            return fused_step(
-                self.engine, host.inner_model(denoiser), self.rows, x, sigma, image_cond, self._cond_table(step), maps,
-                step, host.denoiser_total_steps(denoiser), self.sigma_space, self.updates,
-                on_group if previews else None, update_region=host.inpaint_region(denoiser),
-            )
-
-    def close(self) -> None:
-        self.engine.close()
-        for handle in self._stops:
-            handle.remove()
-        records = self.engine.records
-        updated = sum(1 for r in records if r.iterations)
-        if updated:  # did the updates lower the contrastive loss? per image, before and after at the same step
-            print(f"CLoRA: {len(records)} model steps, {sum(r.iterations for r in records)} latent updates in {updated} steps")
-            for line in update_summary(records):
-                print(f"CLoRA: {line}")
-        # the engine's hooks point back at this pass: break the cycle so that this pass's device
-        # copies of the LoRAs are freed now, not at the next full garbage collection
-        self.engine = None
-        _return_freed_memory()
-
-
-def _return_freed_memory() -> None:
-    """Give the pass's freed CPU buffers back to the OS (glibc keeps them in its heap otherwise,
-    so the server's RSS would only ever grow by each generation's peak)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to do
-            pass
-
-
-def _on_refine(i: int, n: int) -> None:
-    webui.set_progress_text(f"CLoRA refine {i}/{n}")
-
-
-def _stop_if_interrupted(module: Any, args: Any) -> None:
-    if webui.interrupted():
+    def raise_interrupted(self) -> None:
         host.raise_interrupted()
+
+
+def _encoding_schedule(facts: webui.PassFacts) -> encoding.Schedule:
+    return encoding.Schedule(facts.steps, facts.hires_steps, facts.width, facts.height)

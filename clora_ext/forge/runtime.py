@@ -33,24 +33,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..conditioning import ConditioningTable
-from ..engine import CLoRAEngine, EngineHooks, LoRAUse, update_summary
-from ..update import schedule_notes
 from ..webui import host as webui
-from ..webui import pipeline, samplers
+from ..webui import pipeline
 from ..webui.pipeline import Generations, GenerationState, controlnet_message, refused
-from ..webui.plan import (
-    ChunkedTokenizer,
-    CLoRARuntimeError,
-    ProxyRows,
-    check_single_conds,
-    condition_parts,
-    fused_step,
-    pick_segment,
-    plan_variants,
-    token_map_schedule,
-)
-from ..webui.settings import row_cap
+from ..webui.plan import ChunkedTokenizer, CLoRARuntimeError, VariantPlan, check_single_conds, condition_parts
+from ..webui.samplers import SamplerSupport
 from . import host, lora_bridge
 
 
@@ -102,58 +89,17 @@ def _passthrough(apply_model: Any, args: dict) -> torch.Tensor:
 
 
 class Pass:
-    """One sampling (one batch, first pass or hires) on a Forge host."""
+    """One sampling (one batch, first pass or hires) on a Forge host: the shared ``pipeline.Pass``,
+    hooked into the host's sampling through a clone of its UnetPatcher (``modifier``, ``wrapper``)."""
 
     def __init__(self, generation: Generation):
-        p = generation.p
         self.generation = generation
-        args = generation.args
-        facts = webui.pass_facts(p)
-        self.hires = facts.hires
-        composition = args.composition()
-        try:
-            self.plan = plan_variants(composition, facts.prompts, facts.negatives)
-        except ValueError as e:
-            raise CLoRARuntimeError(f"CLoRA: {e}") from None
-        family = host.model_family(p)
-        if family not in host.SUPPORTED_FAMILIES:
-            names = [FAMILY_NAMES[f] for f in host.SUPPORTED_FAMILIES]
-            raise CLoRARuntimeError(f"CLoRA on {host.host_name()} runs {' and '.join(names)} checkpoints (not inpainting "
-                                    f"or refiner ones); this checkpoint is {family}. Load an {' or '.join(names)} "
-                                    "checkpoint or turn CLoRA off")
-        self.loras = {c.lora: lora_bridge.load(c.lora, p) for c in args.concepts}
-        self.conds = _encode(p, self.plan, self.loras, facts)
-        self.cond_ends = [[end for end, _ in conds] for conds in self.conds]
-        tokenizer = ChunkedTokenizer(host.prompt_chunker(p))
-        self.token_maps = []
-        for variants in self.plan.variants:
-            schedules = host.prompt_schedules([v.prompt for v in variants], facts.steps, facts.hires_steps)
-            self.token_maps.append(token_map_schedule(composition, variants, tokenizer, schedules))
-        self.images = len(facts.prompts)
-        self.rows = ProxyRows(self.images, self.plan.n_variants)
-        sampler = samplers.support(host.sampler_function(p))
-        self.updates = not self.hires and sampler.updates
-        if self.hires:
-            generation.note("hires pass: masks and routing only, no latent updates")
-        elif not self.updates:
-            generation.note(f"sampler {facts.sampler_name!r} {sampler.reason}: masks and fusion only, no latent updates")
-        self.patcher = host.install_patcher(p, self.wrapper, self.modifier)
-        unet = host.diffusion_model(self.patcher)
-        param = next(unet.parameters())
-        deltas = {name: lora_bridge.on_device(lora.unet, param.device, param.dtype) for name, lora in self.loras.items()}
-        variant_loras = [[LoRAUse(name, deltas[name], weight) for name, weight in lora_set]
-                         for lora_set in self.plan.unet_loras]
-        hooks = EngineHooks(on_refine=_on_refine, interrupted=webui.interrupted, warn=generation.note)
-        self.engine = CLoRAEngine(unet, variant_loras, self.token_maps[0][0][1], args.engine_settings(), hooks,
-                                  functional_gradient=True)
-        self.engine.max_rows = row_cap(self.images * self.plan.n_variants)
-        self.engine.__enter__()
-        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-        self._stops = [block.register_forward_pre_hook(_stop_if_interrupted) for block in blocks]
         self._fused: torch.Tensor | None = None
-        self._noted_schedule = False
         self._sampler_x: torch.Tensor | None = None
-        self._watch = host.watch_sampler_latent(p, self._keep_sampler_x)
+        self._watch: Any = None
+        self.core = pipeline.Pass(generation, Port(generation.p, self))
+        self.images = self.core.images
+        self._watch = host.watch_sampler_latent(generation.p, self._keep_sampler_x)
 
     def _keep_sampler_x(self, x: torch.Tensor) -> None:
         self._sampler_x = x
@@ -175,24 +121,13 @@ class Pass:
               ) -> torch.Tensor:
         # the host's conds: one entry per AND sub-prompt (each with the rows of every image)
         check_single_conds([len(cond)] if cond else [])
-        if host.controlnet_active(self.generation.p):
+        p = self.generation.p
+        if host.controlnet_active(p):
             raise CLoRARuntimeError(controlnet_message("ControlNet is active for this generation"))
         if x.shape[0] != self.images:
             raise CLoRARuntimeError(f"CLoRA: the sampler runs {x.shape[0]} rows for {self.images} images; "
                                     "another extension changes the batch")
-        step, total = host.step_and_total(self.generation.p, model_options, sigma)
-        if self.updates and not self._noted_schedule:
-            self._noted_schedule = True
-            for message in schedule_notes(self.generation.args.engine_settings().schedule, total, None,
-                                          len(self.plan.composition.content)):
-                self.generation.note(message)
-        maps = [segments[pick_segment([e for e, _ in segments], step)][1] for segments in self.token_maps]
-        generation = self.generation
-        previews = not self.hires and generation.args.previews
-        iteration = webui.batch_iteration(generation.p)
-
-        def on_group(group: list[int], out: Any) -> None:
-            generation.previews.record(iteration, group, out, maps[group[0]], self.plan)
+        step, total = host.step_and_total(p, model_options, sigma)
 
         def inner(x_rows: torch.Tensor, sigma_rows: torch.Tensor, cond: dict) -> torch.Tensor:
             context, vector = condition_parts(cond)  # SDXL: each row's own vector, as the host's ``y``
@@ -201,14 +136,11 @@ class Pass:
         image_cond = x.new_zeros((x.shape[0], 1, 1, 1))  # no concat conditioning: inpainting checkpoints are refused
         # inpainting: the update acts inside the inpaint mask only (the host's blend keeps the rest), and
         # the host hands the modifier a blended copy of the sampler's x, so the update is carried over to it
-        region = host.inpaint_region(self.generation.p)
+        region = host.inpaint_region(p)
         sampler_x = self._sampler_x
-        carry = region is not None and sampler_x is not None and sampler_x is not x and self.updates
+        carry = region is not None and sampler_x is not None and sampler_x is not x and self.core.updates
         before = x.clone() if carry else None
-        with webui.progress_text_kept():
-            fused = fused_step(self.engine, inner, self.rows, x, sigma, image_cond, self._cond_table(step), maps,
-                               step, total, host.is_k_diffusion(self.generation.p), self.updates,
-                               on_group if previews else None, update_region=region)
+        fused = self.core.step(inner, x, sigma, image_cond, step, total, host.is_k_diffusion(p), region)
         if carry:
             sampler_x.add_((x - before).to(sampler_x.dtype))
         return fused
@@ -224,33 +156,64 @@ class Pass:
         b = self.images
         return torch.cat([fused[:b] if c == 0 else fused[b:] for c in chunks]).to(x.dtype)
 
-    def _cond_table(self, step: int) -> ConditioningTable:
-        plan = self.plan
-        rows = []
-        for jobs in (plan.cond_job, plan.uncond_job):
-            for v in range(plan.n_variants):
-                for image in range(len(jobs)):
-                    j = jobs[image][v]
-                    rows.append(self.conds[j][pick_segment(self.cond_ends[j], step)][1])
-        return ConditioningTable(rows)
-
     def close(self) -> None:
-        if self.engine is None:
-            return
-        self.engine.close()
-        for handle in self._stops:
-            handle.remove()
+        self.core.close()
         if self._watch is not None:
             self._watch.remove()
+            self._watch = None
         self._sampler_x = None
-        records = self.engine.records
-        updated = sum(1 for r in records if r.iterations)
-        if updated:
-            print(f"CLoRA: {len(records)} model steps, {sum(r.iterations for r in records)} latent updates in {updated} steps")
-            for line in update_summary(records):
-                print(f"CLoRA: {line}")
-        self.engine = None
         self._fused = None
+
+
+class Port:
+    """The Forge family's side of one sampling pass (``pipeline.PassPort``): the host's LoRA loader and
+    CLIP patcher, its chunker and prompt schedules, and a clone of its UnetPatcher carrying ``sampling``'s
+    hooks. Sampling runs in inference mode, so the gradient passes are functional (torch.func)."""
+
+    functional_gradient = True
+
+    def __init__(self, p: Any, sampling: Pass):
+        self.p = p
+        self.sampling = sampling
+
+    def check_model(self) -> None:
+        family = host.model_family(self.p)
+        if family not in host.SUPPORTED_FAMILIES:
+            names = [FAMILY_NAMES[f] for f in host.SUPPORTED_FAMILIES]
+            raise CLoRARuntimeError(f"CLoRA on {host.host_name()} runs {' and '.join(names)} checkpoints (not inpainting "
+                                    f"or refiner ones); this checkpoint is {family}. Load an {' or '.join(names)} "
+                                    "checkpoint or turn CLoRA off")
+
+    def load_lora(self, name: str) -> lora_bridge.ForgeLoRA:
+        return lora_bridge.load(name, self.p)
+
+    def deltas_on_device(self, deltas: dict, device: torch.device, dtype: torch.dtype) -> dict:
+        return lora_bridge.on_device(deltas, device, dtype)
+
+    def encode(self, plan: VariantPlan, loras: dict, facts: webui.PassFacts) -> list[list[tuple[int, Any]]]:
+        return _encode(self.p, plan, loras, facts)
+
+    def tokenizer(self) -> ChunkedTokenizer:
+        return ChunkedTokenizer(host.prompt_chunker(self.p))
+
+    def prompt_schedules(self, texts: list[str], facts: webui.PassFacts) -> list[list[tuple[int, str]]]:
+        return host.prompt_schedules(texts, facts.steps, facts.hires_steps)
+
+    def sampler_function(self) -> str | None:
+        return host.sampler_function(self.p)
+
+    def model_calls(self, total_steps: int, sampler: SamplerSupport) -> int | None:
+        return None  # the host counts the model calls it makes (``step_and_total``)
+
+    def attach(self) -> torch.nn.Module:
+        patcher = host.install_patcher(self.p, self.sampling.wrapper, self.sampling.modifier)
+        return host.diffusion_model(patcher)
+
+    def pad_cond(self) -> torch.Tensor | None:
+        return None  # the host's own batching pads what it runs together
+
+    def raise_interrupted(self) -> None:
+        host.raise_interrupted()
 
 
 def _encode(p: Any, plan: Any, loras: dict, facts: Any) -> list[list[Any]]:
@@ -265,12 +228,3 @@ def _encode(p: Any, plan: Any, loras: dict, facts: Any) -> list[list[Any]]:
         for i, cond in zip(indices, conds):
             results[i] = cond
     return [results[i] for i in range(len(plan.jobs))]
-
-
-def _on_refine(i: int, n: int) -> None:
-    webui.set_progress_text(f"CLoRA refine {i}/{n}")
-
-
-def _stop_if_interrupted(module: Any, args: Any) -> None:
-    if webui.interrupted():
-        host.raise_interrupted()
