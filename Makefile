@@ -41,12 +41,13 @@ $(STAMP): requirements-dev.txt requirements-nodeps.txt
 	@# torchvision must never get in (openai-clip declares it; requirements-nodeps.txt is --no-deps).
 	@$(VPY) -c "import importlib.util as u, sys; \
 	sys.exit('torchvision must not be installed in $(VENV)' if u.find_spec('torchvision') else 0)"
-	@$(VPY) -c "import torch, transformers, ldm.modules.diffusionmodules.openaimodel, ldm.modules.attention, pydantic, pytorch_metric_learning, safetensors, einops, hypothesis" \
+	@$(VPY) -c "import torch, transformers, ldm.modules.diffusionmodules.openaimodel, ldm.modules.attention, pydantic, pytorch_metric_learning, safetensors, einops, hypothesis, ruff" \
 	|| { echo "the packages in $(VENV) do not import (see above)" >&2; exit 1; }
 	@touch $@
 	@echo "installed the development environment into $(VENV)"
 
 test: $(STAMP)
+	$(VPY) -m ruff check .
 	$(VPY) -m pytest -q tests
 
 demo: $(STAMP)

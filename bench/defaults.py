@@ -25,7 +25,6 @@ import torch
 
 from clora_ext.engine import EngineSettings
 from clora_ext.masks import Morphology
-from clora_ext.update import Schedule
 from miniworld.compose import run
 from miniworld.evaluate import wilson
 from miniworld.model import load_model
@@ -108,8 +107,8 @@ def report(paths: list[str]) -> dict:
                  "mask_iou": round(float(np.mean([v for c in cells.values() for v in c["mask_iou"]] or [0])), 3)}
         losses = [c["loss_after"] for c in cells.values() if c.get("loss_after")]
         if losses:  # rows written before the losses were recorded have none
-            entry["loss_update_steps"] = round(float(np.mean([np.mean(list(l.values())) for l in losses])), 4)
-            entry["loss_last_update"] = round(float(np.mean([l[max(l, key=int)] for l in losses])), 4)
+            entry["loss_update_steps"] = round(float(np.mean([np.mean(list(loss.values())) for loss in losses])), 4)
+            entry["loss_last_update"] = round(float(np.mean([loss[max(loss, key=int)] for loss in losses])), 4)
         shared = [k for k in cells if k in base]
         if name != PAPER and len(shared) > 1:
             diff = paired([float(cells[k]["verdict"]["success"]) - float(base[k]["verdict"]["success"]) for k in shared])

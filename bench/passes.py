@@ -199,7 +199,8 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
         handles = []
         for name, block in blocks:
             handles.append(block.register_forward_pre_hook(lambda m, a, name=name: spent.__setitem__(name, -time.perf_counter())))
-            handles.append(block.register_forward_hook(lambda m, a, o, name=name: spent.__setitem__(name, spent[name] + time.perf_counter())))
+            handles.append(block.register_forward_hook(
+                lambda m, a, o, name=name: spent.__setitem__(name, spent[name] + time.perf_counter())))
         try:
             engine.loss_and_gradient(x, row_model)
             grad_blocks = dict(spent)

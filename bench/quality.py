@@ -400,7 +400,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the miniature world: its model, LoRAs and prompts (default: world 1)")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--grid", help="write the methods x seeds picture grid here (PNG)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS + (REFERENCE,) + MASK_METHODS + SOFT_METHODS + EXCLUSIVE_METHODS + LOSS_METHODS + LEVER_METHODS + REFINE_METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        choices=METHODS + (REFERENCE,) + MASK_METHODS + SOFT_METHODS + EXCLUSIVE_METHODS + LOSS_METHODS
+                        + LEVER_METHODS + REFINE_METHODS)
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed-offset", type=int, default=0,

@@ -717,7 +717,8 @@ def _probes(p: Sequence[float | None] | None) -> str:
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown: per-configuration numbers, then the ratios, then (d)'s time split."""
     lines = [
-        "| LoRAs | config | s / image (median) | CPU s (median) | probe s (before / after) | peak MiB | peak over start MiB | UNet rows (fused / grad) |",
+        "| LoRAs | config | s / image (median) | CPU s (median) | probe s (before / after) | peak MiB | peak over start MiB "
+        "| UNet rows (fused / grad) |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for key, entry in results.items():
@@ -757,7 +758,8 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     if split:
         lines += [
             "",
-            "| LoRAs | (d) fused passes s | gradient forward s | gradient backward s | regular updates: passes, s | refinement: passes, s | other s |",
+            "| LoRAs | (d) fused passes s | gradient forward s | gradient backward s | regular updates: passes, s "
+            "| refinement: passes, s | other s |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for key, b in split:

@@ -37,7 +37,6 @@ from clora_ext.previews import maps_panel, masks_panel
 from clora_ext.tokens import content_stream
 
 from .compose import Result, Task, run as compose
-from .loras import LORAS
 from .localisation import localisation
 from .model import load_model
 

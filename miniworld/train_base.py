@@ -28,7 +28,8 @@ import torch
 from clora_ext.attention import AttentionCapture, CaptureRequest, cross_attention_modules
 
 from .localisation import cell_fractions, localisation
-from .model import CHANNELS_PER_GROUP, TEXT_CONFIG, UNET_CONFIG, build_text_encoder, build_unet, load_model, save_model, sha256, update_manifest
+from .model import (CHANNELS_PER_GROUP, TEXT_CONFIG, UNET_CONFIG, build_text_encoder, build_unet, load_model, save_model, sha256,
+                    update_manifest)
 from .scenes import random_scene
 from .training import TrainLog, diffusion_loss, ema_update, lr_at, make_batch, set_seed
 from .worlds import DEFAULT, WORLDS, World, get_world

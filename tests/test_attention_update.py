@@ -73,7 +73,8 @@ def test_capture_carries_autograd_through_checkpointing_and_stops_early(tiny_une
     assert any(getattr(m, "checkpoint", False) is True for m in tiny_unet.modules())
     x = torch.randn(2, 4, 16, 16)
     t, ctx = torch.tensor([400.0, 400.0]), torch.randn(2, 77, 32)
-    req = lambda grad, stop: CaptureRequest(torch.tensor([0, 1]), torch.tensor([2, 3]), (4, 4), grad=grad, stop_early=stop)
+    def req(grad, stop):
+        return CaptureRequest(torch.tensor([0, 1]), torch.tensor([2, 3]), (4, 4), grad=grad, stop_early=stop)
     capture = AttentionCapture(cross_attention_modules(tiny_unet))
     ran: list[str] = []
     probe = tiny_unet.output_blocks[6].register_forward_hook(lambda *a: ran.append("after"))
@@ -104,7 +105,8 @@ def test_sigma_space_update_equals_ddpm_update_mapped_across():
     c_in = (sigma**2 + 1) ** -0.5
     z = torch.randn(2, 4, 6, 6, generator=gen)  # DDPM-space latent x_t
     w = torch.randn(2, 4, 6, 6, generator=gen)
-    loss_of_z = lambda z: ((z * w).sum(dim=(1, 2, 3)) ** 2).sum()
+    def loss_of_z(z):
+        return ((z * w).sum(dim=(1, 2, 3)) ** 2).sum()
     # DDPM space: z <- z - a * grad_z
     zl = z.clone().requires_grad_(True)
     (gz,) = torch.autograd.grad(loss_of_z(zl), zl)
@@ -331,7 +333,8 @@ def test_agreeing_loss_tokens_keep_a_trigger_map_only_where_it_lies_with_its_sub
     left = torch.zeros(8, 8)
     left[:, :4] = 1.0
     right = 1.0 - left
-    noise = lambda: 0.1 * torch.rand(8, 8, generator=gen)
+    def noise():
+        return 0.1 * torch.rand(8, 8, generator=gen)
     #         subject 0, subject 1, subject 0, subject 1, trigger 0 (on left), trigger 1 (on left: wrong)
     maps = torch.stack([left + noise(), right + noise(), left + noise(), right + noise(), left + noise(), left + noise()])
     labels = torch.tensor([0, 1, 0, 1, 0, 1])

@@ -244,7 +244,8 @@ def _from_positional(values: Sequence[Any], defaults: Mapping[str, Any]) -> dict
         lora = row["lora"]
         if lora is None or str(lora).strip() in ("", NO_LORA):
             if str(row["subject"] or "").strip() and row.get("role") != Role.STYLE.label:
-                raise CLoRAArgsError(f"CLoRA: concepts[{i}].lora: row {i + 1} has a subject but no LoRA; choose a LoRA or clear the subject")
+                raise CLoRAArgsError(f"CLoRA: concepts[{i}].lora: row {i + 1} has a subject but no LoRA; "
+                                     "choose a LoRA or clear the subject")
             continue
         concepts.append(row)
     data["concepts"] = concepts

@@ -44,8 +44,10 @@ SUPPORT: dict[str, SamplerSupport] = {
     "restart_sampler": SamplerSupport(False, "calls the model several times per step (second-order steps and restarts)"),
     "sample_dpm_fast": SamplerSupport(False, _ADAPTIVE),
     "sample_dpm_adaptive": SamplerSupport(False, _ADAPTIVE),
-    "plms": SamplerSupport(False, "calls the model twice in its first step, so the steps after it cannot be matched to the update schedule"),
-    "unipc": SamplerSupport(False, "rebuilds each latent from the previous step in its corrector, so an update to the latent it hands the model is lost"),
+    "plms": SamplerSupport(False, "calls the model twice in its first step, so the steps after it cannot be matched "
+                                  "to the update schedule"),
+    "unipc": SamplerSupport(False, "rebuilds each latent from the previous step in its corrector, so an update to the "
+                                   "latent it hands the model is lost"),
 }
 
 

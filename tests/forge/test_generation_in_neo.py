@@ -147,7 +147,7 @@ def test_fused_rows_are_served_in_the_hosts_row_order(fake_host, monkeypatch):
     wrong order (cond rows where the host expects uncond), the CFG inverts and it is not."""
     plain = generate(txt2img(), with_script=False).images[0]
     neutral = {"enabled": True, "update_fraction": 0.0,
-               "concepts": [{"subject": s, "lora": l, "weight": 0, "te_weight": 0} for s, l in PAIR]}
+               "concepts": [{"subject": s, "lora": lora, "weight": 0, "te_weight": 0} for s, lora in PAIR]}
     orders = []
     wrapper = runtime.Pass.wrapper
 

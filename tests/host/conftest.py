@@ -22,7 +22,7 @@ from modules import shared  # noqa: E402  (the fake host's)
 
 import networks  # noqa: E402
 from clora_ext.a1111 import encoding, lora_bridge, runtime  # noqa: E402
-from clora_ext.devtools.loras import TE_TARGETS, UNET_TARGETS, kohya_unet_key, lora_targets, write_kohya_lora  # noqa: E402
+from clora_ext.devtools.loras import UNET_TARGETS, kohya_unet_key, lora_targets, write_kohya_lora  # noqa: E402
 from world import FakeSDModel  # noqa: E402
 
 VERSIONS = ["1.8.0", "1.10.1"]

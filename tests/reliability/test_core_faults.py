@@ -124,7 +124,7 @@ def test_out_of_memory_in_gradient_pass_skips_updates_and_warns(setup):
     def oom(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    with fault(model, lambda n, grad: grad, oom) as calls:
+    with fault(model, lambda n, grad: grad, oom):
         x, engine = generate(
             model, "a cat and a dog", concepts=concepts, settings=SETTINGS, hooks=EngineHooks(warn=warnings.append), **PLAIN
         )

@@ -28,4 +28,4 @@ def generate(p, with_script: bool = True) -> processing.Processed:
 def clora(*concepts: tuple[str, str], **settings) -> dict:
     """API args for CLoRA with ``concepts`` [(subject, LoRA)]; 2 refine iterations instead of 20 keep CI short."""
     settings.setdefault("refine_iterations", 2)
-    return {"enabled": True, "concepts": [{"subject": s, "lora": l} for s, l in concepts], **settings}
+    return {"enabled": True, "concepts": [{"subject": s, "lora": lora} for s, lora in concepts], **settings}
