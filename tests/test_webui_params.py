@@ -51,6 +51,13 @@ def test_defaults_are_the_papers_but_five_refinement_iterations_and_subject_mask
     assert [i for i in range(50) if s.schedule.iterations_at(i, 50) > 1] == [0, 10, 20]
 
 
+def test_the_parameter_models_defaults_are_the_engines():
+    """Every default is written once, in the engine's settings: the request's defaults compute the same."""
+    from clora_ext.engine import EngineSettings
+
+    assert CLoRAArgs().engine_settings() == EngineSettings()
+
+
 def test_dict_form_means_enabled_and_fills_defaults():
     a = parse_args([TWO])
     assert a.enabled and a.active

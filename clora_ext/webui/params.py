@@ -70,36 +70,39 @@ class ConceptArgs(_Strict):
         return Concept(self.subject.strip(), self.lora, self.weight, self.te_weight, self.trigger.strip(), self.role)
 
 
+_ENGINE = EngineSettings()  # every engine default is written there once; the fields below take theirs from it
+
+
 class CLoRAArgs(_Strict):
     """Everything one CLoRA generation needs. Defaults are the paper's (docs/algorithm.md, sections 4 and 5), except
     5 refinement iterations instead of 20 and masks from the subject words only (docs/quality.md)."""
 
     enabled: bool = Field(False, title="CLoRA")
     concepts: List[ConceptArgs] = Field(default_factory=list, title="Concepts", max_items=MAX_CONCEPTS)
-    step_size: float = Field(20.0, title="Step size", ge=0.0, le=200.0)
-    update_fraction: float = Field(0.5, title="Fraction of steps with updates", ge=0.0, le=1.0)
-    refine_at: List[float] = Field([0.0, 0.2, 0.4], title="Refine at (fractions of the steps)", max_items=16)
-    refine_iterations: int = Field(Schedule().refine_iterations, title="Refine iterations", ge=0, le=100)
+    step_size: float = Field(_ENGINE.step_size, title="Step size", ge=0.0, le=200.0)
+    update_fraction: float = Field(_ENGINE.schedule.update_fraction, title="Fraction of steps with updates", ge=0.0, le=1.0)
+    refine_at: List[float] = Field(list(_ENGINE.schedule.refine_at), title="Refine at (fractions of the steps)", max_items=16)
+    refine_iterations: int = Field(_ENGINE.schedule.refine_iterations, title="Refine iterations", ge=0, le=100)
     refine_tolerance: float = Field(
-        0.0, title="Refine tolerance (0: the paper's fixed count)", ge=0.0, le=0.5, ui_step=0.005,
+        _ENGINE.refine_tolerance or 0.0, title="Refine tolerance (0: the paper's fixed count)", ge=0.0, le=0.5, ui_step=0.005,
         description="refinement stops once an iteration improves the loss by less than this fraction",
     )
-    mask_threshold: float = Field(0.4, title="Mask threshold", ge=0.0, le=1.0)
-    morphology: Morphology = Field(Morphology.NONE, title="Mask morphology")
-    mask_start: float = Field(0.0, title="First step with masks (fraction)", ge=0.0, le=1.0)
+    mask_threshold: float = Field(_ENGINE.mask_threshold, title="Mask threshold", ge=0.0, le=1.0)
+    morphology: Morphology = Field(_ENGINE.morphology, title="Mask morphology")
+    mask_start: float = Field(_ENGINE.schedule.mask_start, title="First step with masks (fraction)", ge=0.0, le=1.0)
     previews: bool = Field(False, title="Previews: attention maps and masks")
     mask_tokens: MaskTokens = Field(
-        MaskTokens.SUBJECT, title="Mask words",
+        _ENGINE.mask_tokens, title="Mask words",
         description="which words' attention maps make each LoRA's mask: paper (its trigger and subject words), "
         "subject (its subject words only), base (the base prompt's subject words), base_subject (both)",
     )
     mask_upsampling: MaskUpsampling = Field(
-        MaskUpsampling.NEAREST, title="Mask edges",
+        _ENGINE.mask_upsampling, title="Mask edges",
         description="how the masks grow to the image's size: nearest (hard blocks, the paper's), bilinear (soft "
         "edges) or contour (hard edges along the attention maps' outlines)",
     )
     soft_edges_from: float = Field(
-        EngineSettings().soft_edges_from, title="Soft mask edges from (fraction of the steps)", ge=0.0, le=1.0,
+        _ENGINE.soft_edges_from, title="Soft mask edges from (fraction of the steps)", ge=0.0, le=1.0,
         description="from this fraction of the steps on, the masks get soft edges, which clean the grain that hard "
         "seams leave; 1: never (the paper's)",
     )
