@@ -89,7 +89,7 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
     row_model = UNetRows(unet, conds, t, 0.1)
 
     out: dict[str, object] = {"latent": opts.latent, "loras": n, "variants": len(unet_loras)}
-    from clora_ext.engine import StepRecord
+    from clora_ext.records import StepRecord
 
     with fast_attention(unet), CLoRAEngine(unet, unet_loras, token_maps, EngineSettings()) as engine:
         V = engine.n_variants

@@ -24,8 +24,7 @@ import contextlib
 import dataclasses
 import enum
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Hashable, Iterator, Mapping, Protocol, Sequence
 
 import torch
@@ -35,9 +34,11 @@ from .attention import AttentionCapture, CaptureRequest, cross_attention_modules
 from .loss import (DEFAULT_TAU, LossGradient, LossTokens, agreeing_maps, concept_overlap, contrastive_loss, loss_maps,
                    masked_contrastive_loss, with_gradient_through)
 from .masks import MaskOverlap, MaskTokens, MaskUpsampling, Morphology, fuse, mask_sources, resize_masks, variant_masks
+from .optimiser import OUT_OF_MEMORY, Backward, LatentOptimiser
+from .records import StepRecord
 from .routing import Delta, Route, RowRouter
 from .tokens import TokenMapSpec
-from .update import LatentSpace, Schedule, apply_update, without_region_means
+from .update import LatentSpace, Schedule
 
 log = logging.getLogger("clora")
 
@@ -97,12 +98,6 @@ class RowModel(Protocol):
 
     def __call__(self, x: torch.Tensor, layout: RowLayout) -> torch.Tensor:
         """Run the model on rows ``x`` (R, C, H, W) described by ``layout``; return (R, C, H, W)."""
-
-
-# differentiable_loss's gradient: (weights per image, keep the graph for another call) -> d(weights . losses)/dx
-Backward = Callable[[torch.Tensor, bool], torch.Tensor]
-
-OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
 
 
 def split_rows(rows: torch.Tensor, most: int | None) -> list[torch.Tensor]:
@@ -186,50 +181,6 @@ class EngineHooks:
 
 
 @dataclass
-class StepRecord:
-    """What one sampling step did. Refinement decisions are per image, so is most of this."""
-
-    step: int
-    iterations: int = 0  # gradient passes that updated at least one image
-    losses: list[float] = field(default_factory=list)  # per gradient pass: summed over the images it ran
-    image_losses: dict[int, list[float]] = field(default_factory=dict)  # image -> its loss at each of its passes
-    image_updates: dict[int, int] = field(default_factory=dict)  # image -> updates kept (taken-back ones excluded)
-    loss_after: float | None = None  # loss of the maps the fused prediction used, summed over the images
-    image_loss_after: list[float] = field(default_factory=list)  # the same, per image
-    overlap_after: float | None = None
-    batch_images: list[int] | None = None  # batch position of each image when the step ran a part of a batch
-
-    def batch_image(self, b: int) -> int:
-        return self.batch_images[b] if self.batch_images is not None else b
-
-
-def update_summary(records: Sequence[StepRecord]) -> list[str]:
-    """One line per image: its contrastive loss before and after the updates, each pair at the same step.
-
-    "Before" is the loss at the latent the sampler handed over, "after" the loss of the maps
-    the step's fused prediction used, so both come from one timestep.
-    """
-    per_image: dict[int, list[tuple[StepRecord, int]]] = {}
-    for r in records:
-        if r.image_updates and r.image_loss_after:
-            for b in r.image_losses:
-                per_image.setdefault(r.batch_image(b), []).append((r, b))
-    lines = []
-    for image in sorted(per_image):
-        steps = per_image[image]
-        pairs = [(r.image_losses[b][0], r.image_loss_after[b]) for r, b in steps]
-        first, fb = steps[0]
-        kept = sum(r.image_updates.get(b, 0) for r, b in steps)
-        before, after = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
-        lines.append(
-            f"image {image + 1}: contrastive loss {pairs[0][0]:.4f} -> {pairs[0][1]:.4f} at step {first.step + 1} "
-            f"({first.image_updates.get(fb, 0)} updates); mean {before:.4f} -> {after:.4f} over its "
-            f"{len(steps)} update steps ({kept} updates kept)"
-        )
-    return lines
-
-
-@dataclass
 class StepOutput:
     cond: torch.Tensor  # (B, C, H, W) fused cond predictions
     uncond: torch.Tensor  # (B, C, H, W) fused uncond predictions
@@ -267,17 +218,6 @@ def gradient_ready(root: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-LOSS_SCALE_FACTOR = 2.0**8  # fp16 spans 2^-24 .. 2^16: each retry moves the gradient by a third of that
-LOSS_SCALE_TRIES = 4
-
-
-def _zero_gradient_message(half: bool) -> str:
-    if half:
-        return ("CLoRA: the latent gradient is zero even with loss scaling (half-precision model); no latent "
-                "update runs. Run the model in full precision (--no-half) for the updates")
-    return "CLoRA: the latent gradient is zero; no latent update runs"
-
-
 @dataclass
 class _Call:
     """One model call of a pass, planned before it runs: its rows of the layout, their layout and
@@ -310,12 +250,11 @@ class CLoRAEngine:
         self.capture = AttentionCapture(cross_attention_modules(unet))
         self.records: list[StepRecord] = []
         self.last_output: StepOutput | None = None  # maps and masks of the latest step, for previews
-        self.updates_enabled = True
         # the most rows one UNet call may take (None: no cap); the host's low-VRAM setting sets it
         self.max_rows: int | None = None
-        # fp16: the loss scale that last gave a finite, non-zero gradient (see _gradient)
-        self.half = next(unet.parameters()).dtype == torch.float16
-        self.loss_scale = 1.0
+        # the latent update and its state (fp16 loss scale, updates turned off after running out of memory)
+        self.optimiser = LatentOptimiser(next(unet.parameters()).dtype == torch.float16, self.hooks.on_refine,
+                                         self.hooks.interrupted, self.warn_once)
         # gradient passes through torch.func instead of autograd (see differentiable_loss)
         self.functional_gradient = functional_gradient
         self._warned: set[str] = set()
@@ -399,104 +338,11 @@ class CLoRAEngine:
         record = StepRecord(step)
         self.records.append(record)
         iterations = self.settings.schedule.iterations_at(step, total_steps)
-        if allow_update and self.updates_enabled and self._n_concepts >= 2 and iterations:
-            self._optimise(x, space, model, iterations, record, update_region, group)
+        if allow_update and self.optimiser.enabled and self._n_concepts >= 2 and iterations:
+            self.optimiser.run(x, space, lambda z: self.differentiable_loss(z, model), iterations, record,
+                               self.settings, update_region, self._last_masks.get(group))
         self.last_output = self._fused_pass(x, step, total_steps, model, record, group)
         return self.last_output
-
-    def _optimise(self, x: torch.Tensor, space: LatentSpace, model: RowModel, iterations: int, record: StepRecord,
-                  region: torch.Tensor | None = None, group: Hashable = None) -> None:
-        """Update ``x`` in place; every image of the batch refines, stops and takes back on its own loss."""
-        tolerance = self.settings.refine_tolerance
-        active = torch.arange(x.shape[0], device=x.device)
-        previous_loss: dict[int, float] = {}
-        previous_x = x.detach().clone() if tolerance is not None else None
-        velocity = torch.zeros_like(x, dtype=torch.float32) if self.settings.momentum else None
-        for i in range(iterations):
-            if i > 0:
-                self.hooks.on_refine(i, iterations - 1)
-            if self.hooks.interrupted():
-                return
-            try:
-                with self.differentiable_loss(x.index_select(0, active), model) as (losses_t, backward):
-                    losses = losses_t.detach().float().cpu().tolist()
-                    if not all(math.isfinite(v) for v in losses):
-                        self.warn_once("nonfinite", "CLoRA: non-finite loss or gradient; that latent update was skipped")
-                        return
-                    record.losses.append(sum(losses))
-                    keep = []
-                    for j, (b, loss) in enumerate(zip(active.tolist(), losses)):
-                        record.image_losses.setdefault(b, []).append(loss)
-                        before = previous_loss.get(b)
-                        # decide before the backward pass: an image that stops costs no gradient
-                        if before is not None and tolerance is not None:
-                            if loss > before:  # its last update overshot: take it back, stop this image
-                                x[b].copy_(previous_x[b])
-                                record.image_updates[b] -= 1
-                                continue
-                            if before - loss < tolerance * abs(before):
-                                continue
-                        keep.append(j)
-                    if not keep:
-                        return
-                    kept = torch.tensor(keep, device=x.device)
-                    weights = torch.zeros_like(losses_t)
-                    weights[kept] = 1.0
-                    grad = self._gradient(backward, weights, float(losses_t.index_select(0, kept).sum()))
-            except OUT_OF_MEMORY:  # in the backward pass (the forward retries in halves)
-                self.updates_enabled = False
-                self.warn_once("oom", "CLoRA: out of memory in the gradient pass; latent updates skipped for this image")
-                return
-            grad = grad.index_select(0, kept)
-            if not torch.isfinite(grad).all():
-                self.warn_once("nonfinite", "CLoRA: non-finite loss or gradient; that latent update was skipped")
-                return
-            active = active.index_select(0, kept)
-            if not grad.any() and any(losses[j] != 0 for j in keep):
-                self.warn_once("zero_gradient", _zero_gradient_message(self.half))
-                return
-            if self.settings.update_keeps_means:
-                masks = self._last_masks.get(group)
-                if masks is not None and masks.shape[0] == x.shape[0]:
-                    masks = masks.index_select(0, active.to(masks.device))
-                elif masks is not None:  # another batch shape than the last step's: no regions to keep
-                    masks = None
-                grad = without_region_means(grad, masks)
-            if region is not None:  # after the means: nothing moves outside the inpainted region
-                grad = grad * (region if region.dim() < 4 or region.shape[0] == 1 else region.index_select(0, active))
-            if velocity is not None:
-                grad = velocity.index_select(0, active).mul_(self.settings.momentum).add_(grad)
-                velocity.index_copy_(0, active, grad)
-            images = active.tolist()
-            if previous_x is not None:
-                previous_x[active] = x[active]
-                previous_loss.update({b: losses[j] for b, j in zip(images, keep)})
-            moved = x.index_select(0, active)
-            apply_update(moved, grad, self.settings.step_size, space.select(active))
-            x.index_copy_(0, active, moved)
-            for b in images:
-                record.image_updates[b] = record.image_updates.get(b, 0) + 1
-            record.iterations += 1
-
-    def _gradient(self, backward: Backward, weights: torch.Tensor, loss: float) -> torch.Tensor:
-        """d(sum of ``weights`` * losses) / d x (float32). On an fp16 model a gradient that flushes to zero
-        in the half-precision activations is computed again with the loss scaled up, one that overflows
-        with it scaled down (the graph is kept for those retries); the scale that worked is kept for the
-        next pass. ``loss``: the weighted loss's value, to tell a zero gradient from a flat loss."""
-        if not self.half:
-            return backward(weights, False).float()
-        scale = self.loss_scale
-        for attempt in range(LOSS_SCALE_TRIES):
-            last = attempt == LOSS_SCALE_TRIES - 1
-            grad = backward(weights * scale, not last).float() / scale
-            if not torch.isfinite(grad).all():
-                scale /= LOSS_SCALE_FACTOR
-            elif not grad.any() and loss != 0:
-                scale *= LOSS_SCALE_FACTOR
-            else:
-                self.loss_scale = scale
-                break
-        return grad
 
     @contextlib.contextmanager
     def differentiable_loss(self, x: torch.Tensor, model: RowModel) -> Iterator[tuple[torch.Tensor, Backward]]:

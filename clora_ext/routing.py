@@ -215,6 +215,12 @@ def hadamard_as_low_rank(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor
 Delta = LowRankDelta | DenseDelta | KroneckerDelta | HadamardDelta | LazyDelta
 
 
+def on_device(deltas: dict[str, Delta], device: torch.device, dtype: torch.dtype) -> dict[str, Delta]:
+    """Device copies of cached deltas, in the model's dtype (LoHa's low-rank form is built here; a
+    LazyDelta stays lazy: the router builds it per pass)."""
+    return {k: d if isinstance(d, LazyDelta) else d.to(device, dtype) for k, d in deltas.items()}
+
+
 @dataclass
 class Route:
     """One LoRA on a set of batch rows: module name -> delta, times a multiplier."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clora_ext.engine import StepRecord, update_summary
+from clora_ext.records import StepRecord, update_summary
 from clora_ext.update import Schedule, schedule_notes
 
 

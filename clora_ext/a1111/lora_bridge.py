@@ -29,7 +29,7 @@ from ..lora_file import LoRAFileError, map_lora, read_lora_file
 from .. import formats
 from ..routing import Delta, HadamardDelta, LazyDelta, Route, RowRouter, routable
 from ..webui import host as webui
-from ..webui.loras import LoRACache, on_disk
+from ..webui.loras import LoRACache, made_for_another_family, on_disk
 from ..webui.plan import CLoRARuntimeError
 from . import host
 
@@ -61,12 +61,6 @@ def load(name: str) -> HostLoRA:
     path = webui.lora_path(entry)
     mtime = os.path.getmtime(path)
     return _cache.load(name, path, mtime, model, lambda: _load(name, entry, mtime, model))
-
-
-def on_device(deltas: dict[str, Delta], device: torch.device, dtype: torch.dtype) -> dict[str, Delta]:
-    """One generation's device copies of cached deltas, in the model's dtype (LoHa's low-rank form is
-    built here; a LazyDelta stays lazy: the router builds it per pass)."""
-    return {k: d if isinstance(d, LazyDelta) else d.to(device, dtype) for k, d in deltas.items()}
 
 
 def _check_version(name: str, entry: Any, model: Any) -> None:
@@ -108,20 +102,14 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
 
 
 def _check_fits(name: str, module: host.NetworkModule, model: Any) -> None:
-    """Refuse a LoRA whose layer shapes do not fit the model (another model family).
-
-    The host matches keys by name only (an SDXL LoRA's ``input_blocks_4`` keys exist in
-    SD1.5 too) and, when merging, logs and skips what does not fit; routing would fail
-    mid-sampling instead.
-    """
+    """Refuse a LoRA whose layer shapes do not fit the model (another model family); where the factors
+    do not tell the layer's size, the host's own merge of that layer decides."""
     weight = getattr(module.target, "weight", None)
     if weight is None:
         return
-    detail = ""
     factors = formats.factor_shape(_factors(module), weight.shape)  # (out, in), without building the delta
     if factors is not None:
         fits = factors == (weight.shape[0], weight.shape[1])
-        detail = f": out x in is {weight.shape[0]}x{weight.shape[1]} in the model, {factors[0]}x{factors[1]} in the LoRA"
     else:
         try:
             with torch.no_grad():
@@ -130,10 +118,7 @@ def _check_fits(name: str, module: host.NetworkModule, model: Any) -> None:
         except RuntimeError:
             fits = False
     if not fits:
-        raise CLoRARuntimeError(
-            f"CLoRA: LoRA {name!r} does not fit the loaded {host.model_family(model)} model (layer {module.key}{detail}); "
-            "it is made for another model family"
-        )
+        raise made_for_another_family(name, host.model_family(model), module.key, weight.shape, factors)
 
 
 def _factors(module: host.NetworkModule) -> formats.Factors:

@@ -138,9 +138,6 @@ class Port:
     def load_lora(self, name: str) -> lora_bridge.HostLoRA:
         return lora_bridge.load(name)
 
-    def deltas_on_device(self, deltas: dict, device: torch.device, dtype: torch.dtype) -> dict:
-        return lora_bridge.on_device(deltas, device, dtype)
-
     def encode(self, plan: VariantPlan, loras: dict, facts: webui.PassFacts) -> list[list[tuple[int, Any]]]:
         return encoding.encode(plan, loras, _encoding_schedule(facts))
 

@@ -24,7 +24,7 @@ import torch
 from .. import formats
 from ..routing import Delta, LazyDelta
 from ..webui import host as webui
-from ..webui.loras import LoRACache, on_disk
+from ..webui.loras import LoRACache, made_for_another_family, on_disk
 from ..webui.plan import CLoRARuntimeError
 from . import host
 
@@ -74,17 +74,12 @@ def _load(name: str, path: str, mtime: float, p: Any) -> ForgeLoRA:
 
 
 def _check_fits(name: str, module: str, adapter: host.Adapter, weight: torch.Tensor, p: Any) -> None:
-    """Refuse a LoRA made for another model family. The host matches keys by name only (an SD1.x
-    file's ``down_blocks_1`` keys exist in SDXL too, with other widths) and its merge skips what does
-    not fit; a routed layer that does not fit would fail mid-sampling instead."""
+    """Refuse a LoRA made for another model family, where its factors tell the layer's size."""
     if adapter.factors is None or weight.dim() < 2:
         return
     factors = formats.factor_shape(adapter.factors, weight.shape)
     if factors is not None and factors != tuple(weight.shape[:2]):
-        raise CLoRARuntimeError(
-            f"CLoRA: LoRA {name!r} does not fit the loaded {host.model_family(p)} model (layer {module}: out x in is "
-            f"{weight.shape[0]}x{weight.shape[1]} in the model, {factors[0]}x{factors[1]} in the LoRA); "
-            "it is made for another model family")
+        raise made_for_another_family(name, host.model_family(p), module, weight.shape, factors)
 
 
 def _delta(name: str, module_name: str, adapter: host.Adapter, weight: torch.Tensor,
@@ -134,10 +129,6 @@ def _logged_errors() -> Iterator[list[str]]:
         yield errors
     finally:
         root.removeHandler(handler)
-
-
-def on_device(deltas: dict[str, Delta], device: torch.device, dtype: torch.dtype) -> dict[str, Delta]:
-    return {k: d if isinstance(d, LazyDelta) else d.to(device, dtype) for k, d in deltas.items()}
 
 
 def clear_cache() -> None:

@@ -187,9 +187,6 @@ class Port:
     def load_lora(self, name: str) -> lora_bridge.ForgeLoRA:
         return lora_bridge.load(name, self.p)
 
-    def deltas_on_device(self, deltas: dict, device: torch.device, dtype: torch.dtype) -> dict:
-        return lora_bridge.on_device(deltas, device, dtype)
-
     def encode(self, plan: VariantPlan, loras: dict, facts: webui.PassFacts) -> list[list[tuple[int, Any]]]:
         return _encode(self.p, plan, loras, facts)
 

@@ -5,7 +5,7 @@ cache both host families keep their loaded LoRAs in."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import host
 from .plan import CLoRARuntimeError, suggest_names
@@ -45,6 +45,18 @@ def activation_text(name: str) -> str:
     except CLoRARuntimeError:
         return ""
     return str(host.user_metadata(host.lora_path(entry)).get("activation text", "") or "")
+
+
+def made_for_another_family(name: str, family: str, layer: str, weight_shape: Sequence[int],
+                            factors: tuple[int, int] | None) -> CLoRARuntimeError:
+    """The refusal of a LoRA whose layer ``layer`` does not fit the loaded model (``factors``: the
+    (out, in) the LoRA's factors make there, where they tell). The hosts match keys by name only (an
+    SD1.x file's keys exist in SDXL too, with other widths) and their merge skips what does not fit;
+    a routed layer that does not fit would fail mid-sampling instead."""
+    detail = "" if factors is None else (f": out x in is {weight_shape[0]}x{weight_shape[1]} in the model, "
+                                         f"{factors[0]}x{factors[1]} in the LoRA")
+    return CLoRARuntimeError(f"CLoRA: LoRA {name!r} does not fit the loaded {family} model (layer {layer}{detail}); "
+                             "it is made for another model family")
 
 
 CACHE_SIZE = 8  # LoRAs kept between generations (one generation's worth); CPU memory, about their files' size

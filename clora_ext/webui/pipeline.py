@@ -19,7 +19,9 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from ..conditioning import ConditioningTable
-from ..engine import CLoRAEngine, EngineHooks, LoRAUse, update_summary
+from ..engine import CLoRAEngine, EngineHooks, LoRAUse
+from ..records import update_summary
+from ..routing import on_device
 from ..tokens import PromptTokenizer
 from ..update import schedule_notes
 from . import host, infotext, samplers
@@ -224,9 +226,6 @@ class PassPort(Protocol):
         """The installed LoRA ``name`` for the loaded model: an object whose ``unet`` maps UNet module
         names to deltas at strength 1 (cached between generations, on the CPU)."""
 
-    def deltas_on_device(self, deltas: dict, device: torch.device, dtype: torch.dtype) -> dict:
-        """This pass's device copies of a LoRA's cached deltas."""
-
     def encode(self, plan: VariantPlan, loras: dict[str, Any], facts: host.PassFacts) -> list[list[tuple[int, Any]]]:
         """[(end_at_step, cond)] of every encoding job of ``plan``, each with its LoRAs' text-encoder part."""
 
@@ -290,7 +289,7 @@ class Pass:
         unet = port.attach()
         # this pass's device copies of the cached (CPU) deltas: gone with the pass
         param = next(unet.parameters())
-        deltas = {name: port.deltas_on_device(lora.unet, param.device, param.dtype) for name, lora in self.loras.items()}
+        deltas = {name: on_device(lora.unet, param.device, param.dtype) for name, lora in self.loras.items()}
         variant_loras = [[LoRAUse(name, deltas[name], weight) for name, weight in lora_set]
                          for lora_set in self.plan.unet_loras]
         hooks = EngineHooks(on_refine=_on_refine, interrupted=host.interrupted, warn=generation.note)

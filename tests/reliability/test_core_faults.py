@@ -11,7 +11,9 @@ from clora_ext.concepts import Concept
 from clora_ext.devtools.loras import write_kohya_lora
 from clora_ext.devtools.pipeline import ConceptLoRA, TinySD, generate
 from clora_ext.devtools.tiny_sd import build_tiny_text_encoder, build_tiny_unet
-from clora_ext.engine import LOSS_SCALE_FACTOR, CLoRAEngine, EngineHooks, EngineSettings, RowLayout, StepRecord
+from clora_ext.engine import CLoRAEngine, EngineHooks, EngineSettings, RowLayout
+from clora_ext.optimiser import LOSS_SCALE_FACTOR
+from clora_ext.records import StepRecord
 from clora_ext.lora_file import map_lora, read_lora_file
 from clora_ext.tokens import TokenMapSpec
 from clora_ext.update import DDPMSpace, Schedule
@@ -129,7 +131,7 @@ def test_out_of_memory_in_gradient_pass_skips_updates_and_warns(setup):
             model, "a cat and a dog", concepts=concepts, settings=SETTINGS, hooks=EngineHooks(warn=warnings.append), **PLAIN
         )
     assert torch.isfinite(x).all()
-    assert not engine.updates_enabled
+    assert not engine.optimiser.enabled
     # the forward was retried in halves down to one row, then the updates were given up
     assert len(warnings) == 2 and "smaller chunks" in warnings[0] and "gradient pass" in warnings[1]
     assert engine.max_rows == 1
@@ -208,8 +210,9 @@ def test_a_half_precision_gradient_that_flushes_to_zero_is_recovered_by_loss_sca
 
         with CLoRAEngine(unet, [[], [], []], specs, EngineSettings()) as engine:
             moved = x.clone()
-            engine._optimise(moved, DDPMSpace(), row_model, 1, StepRecord(0))
-            moves[dtype], scales[dtype] = (moved - x).flatten(), engine.loss_scale
+            engine.optimiser.run(moved, DDPMSpace(), lambda z: engine.differentiable_loss(z, row_model), 1, StepRecord(0),
+                                 engine.settings)
+            moves[dtype], scales[dtype] = (moved - x).flatten(), engine.optimiser.loss_scale
     assert scales == {torch.float32: 1.0, torch.float16: LOSS_SCALE_FACTOR}  # one retry, scaled up
     cosine = torch.nn.functional.cosine_similarity(moves[torch.float32], moves[torch.float16], dim=0)
     assert moves[torch.float16].abs().sum() > 0 and cosine > 0.9
