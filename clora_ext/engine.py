@@ -33,7 +33,8 @@ import torch.nn as nn
 from .attention import AttentionCapture, CaptureRequest, cross_attention_modules, map_size
 from .loss import (DEFAULT_TAU, LossGradient, LossTokens, agreeing_maps, concept_overlap, contrastive_loss, loss_maps,
                    masked_contrastive_loss, with_gradient_through)
-from .masks import MaskOverlap, MaskTokens, MaskUpsampling, Morphology, fuse, mask_sources, resize_masks, variant_masks
+from .masks import (MaskMethod, MaskOverlap, MaskTokens, MaskUpsampling, Morphology, fuse, step_masks,
+                    threshold_masks)
 from .optimiser import OUT_OF_MEMORY, Backward, LatentOptimiser
 from .records import StepRecord
 from .routing import Delta, Route, RowRouter
@@ -241,6 +242,7 @@ class CLoRAEngine:
         settings: EngineSettings = EngineSettings(),
         hooks: EngineHooks | None = None,
         functional_gradient: bool = False,
+        mask_method: MaskMethod = step_masks,
     ):
         self.unet = unet
         self.variant_loras = [list(v) for v in variant_loras]
@@ -257,6 +259,8 @@ class CLoRAEngine:
                                          self.hooks.interrupted, self.warn_once)
         # gradient passes through torch.func instead of autograd (see differentiable_loss)
         self.functional_gradient = functional_gradient
+        # how each fused pass's maps become its masks (masks.MaskMethod); the settings' method by default
+        self.mask_method = mask_method
         self._warned: set[str] = set()
         # the masks of each group of images' latest step (mask_memory, update_keeps_means)
         self._last_masks: dict[Hashable, torch.Tensor] = {}
@@ -418,9 +422,8 @@ class CLoRAEngine:
             record.overlap_after = float(
                 torch.stack([concept_overlap(m, self._labels.to(m.device)) for m in maps]).mean()
             )
-            late = step >= round(self.settings.soft_edges_from * total_steps)
-            masks = self.masks(maps, x.shape[-2:], enabled=self.settings.schedule.masks_at(step, total_steps),
-                               upsampling=MaskUpsampling.BILINEAR if late else None)
+            masks = self.mask_method(maps, self._token_maps, self.n_variants, tuple(x.shape[-2:]), step, total_steps,
+                                     self.settings)
             memory = self.settings.mask_memory
             held = self._last_masks.get(group)
             if memory and held is not None and held.shape == masks.shape:
@@ -513,26 +516,11 @@ class CLoRAEngine:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def masks(self, maps: torch.Tensor, latent_hw: Sequence[int], enabled: bool = True,
-              upsampling: MaskUpsampling | None = None) -> torch.Tensor:
-        """(B, V, H, W) masks from (B, P, h, w) maps; before the first masked step, equal weights.
-        ``upsampling``: instead of the settings' ``mask_upsampling``."""
-        images = maps.shape[0]
-        if not enabled:
-            return torch.ones(images, self.n_variants, *latent_hw, device=maps.device)
-        upsampling = MaskUpsampling(upsampling or self.settings.mask_upsampling)
-        mask_for = mask_sources(self._token_maps, self.settings.mask_tokens).to(maps.device)
-        if upsampling is MaskUpsampling.CONTOUR:  # threshold at the latent's size
-            maps = torch.nn.functional.interpolate(maps.float(), size=tuple(latent_hw), mode="bilinear",
-                                                   align_corners=False)
-        small = torch.stack(
-            [
-                variant_masks(m, mask_for, self.n_variants, self.settings.mask_threshold, self.settings.morphology,
-                              self.settings.mask_overlap)
-                for m in maps
-            ]
-        )
-        return resize_masks(small, tuple(latent_hw), upsampling)
+    def masks(self, maps: torch.Tensor, latent_hw: Sequence[int], upsampling: MaskUpsampling | None = None) -> torch.Tensor:
+        """(B, V, H, W) masks from (B, P, h, w) maps at a masked step, grown with the settings'
+        ``mask_upsampling`` or with ``upsampling``."""
+        return threshold_masks(maps, self._token_maps, self.n_variants, tuple(latent_hw), self.settings,
+                               upsampling or self.settings.mask_upsampling)
 
     def _image_losses(self, maps: torch.Tensor) -> torch.Tensor:
         """(B,) contrastive loss of each image's (P, h, w) maps, over the maps the loss-token rule keeps."""

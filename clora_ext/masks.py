@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +156,52 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int],
     else:
         m = F.interpolate(flat, size=size, mode="nearest")
     return m.reshape(*shape[:-2], *size)
+
+
+class MaskSettings(Protocol):
+    """What the shipped masks read of the engine's settings (``EngineSettings``), at each step."""
+
+    schedule: Any  # update.Schedule: masks_at(step, total)
+    mask_threshold: float
+    morphology: Morphology
+    mask_tokens: MaskTokens
+    mask_upsampling: MaskUpsampling
+    mask_overlap: MaskOverlap
+    soft_edges_from: float
+
+
+class MaskMethod(Protocol):
+    """How one step's token maps become the variants' fusion masks: the engine calls it once per fused
+    pass with the (B, P, h, w) maps of the cond rows and their specs (tokens.TokenMapSpec), and
+    fuses with the (B, V, H, W) masks it returns. ``step_masks`` is the shipped method."""
+
+    def __call__(self, maps: torch.Tensor, specs: Sequence, variants: int, latent_hw: tuple[int, int], step: int,
+                 total_steps: int, settings: Any) -> torch.Tensor: ...
+
+
+def threshold_masks(maps: torch.Tensor, specs: Sequence, variants: int, latent_hw: tuple[int, int],
+                    settings: MaskSettings, upsampling: MaskUpsampling | str) -> torch.Tensor:
+    """(B, V, H, W) masks from (B, P, h, w) maps: each variant's mask tokens (``mask_tokens``)
+    thresholded, shared or owned where they overlap, grown to the latent's size by ``upsampling``."""
+    upsampling = MaskUpsampling(upsampling)
+    mask_for = mask_sources(specs, settings.mask_tokens).to(maps.device)
+    if upsampling is MaskUpsampling.CONTOUR:  # threshold at the latent's size
+        maps = F.interpolate(maps.float(), size=tuple(latent_hw), mode="bilinear", align_corners=False)
+    small = torch.stack([variant_masks(m, mask_for, variants, settings.mask_threshold, settings.morphology,
+                                       settings.mask_overlap) for m in maps])
+    return resize_masks(small, tuple(latent_hw), upsampling)
+
+
+def step_masks(maps: torch.Tensor, specs: Sequence, variants: int, latent_hw: tuple[int, int], step: int,
+               total_steps: int, settings: MaskSettings) -> torch.Tensor:
+    """The shipped ``MaskMethod`` (docs/algorithm.md section 5): equal weights before
+    ``schedule.mask_start``, then ``threshold_masks`` with the settings' ``mask_upsampling``, or soft
+    (bilinear) edges from ``soft_edges_from`` on."""
+    if not settings.schedule.masks_at(step, total_steps):
+        return torch.ones(maps.shape[0], variants, *latent_hw, device=maps.device)
+    late = step >= round(settings.soft_edges_from * total_steps)
+    upsampling = MaskUpsampling.BILINEAR if late else settings.mask_upsampling
+    return threshold_masks(maps, specs, variants, latent_hw, settings, upsampling)
 
 
 def fuse(predictions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -596,3 +596,39 @@ def test_own_loss_gradient_stops_the_gradient_on_every_map_outside_its_concepts_
     assert torch.isfinite(grad_own).all() and grad_own.abs().sum() > 0
     assert differs(grad_own, grad_all)
     close(results[LossGradient.OWN, True][1], grad_own, 1e-4)
+
+
+def test_a_mask_method_given_to_the_engine_makes_the_masks_it_fuses_with(tiny_unet):
+    """``mask_method`` (masks.MaskMethod) replaces how the maps become masks: here every pixel goes to
+    variant 2, so the fused cond prediction is that variant's own; the shipped method (``step_masks``)
+    is the default and gives the engine's ``masks`` at a masked step."""
+    from clora_ext.masks import step_masks
+
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    gen = torch.Generator().manual_seed(14)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    x = torch.randn(1, 4, 16, 16, generator=gen)
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    calls = []
+
+    def all_to_variant_2(maps, token_maps, variants, latent_hw, step, total_steps, settings):
+        calls.append((tuple(maps.shape), variants, tuple(latent_hw), step, total_steps))
+        masks = torch.zeros(maps.shape[0], variants, *latent_hw)
+        masks[:, 2] = 1.0
+        return masks
+
+    sigma = SigmaSpace(torch.tensor([2.0]))
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings(), mask_method=all_to_variant_2) as engine:
+        out = engine.step(x.clone(), 3, 10, sigma, row_model, allow_update=False)
+    assert calls == [((1, len(specs), *out.maps.shape[-2:]), 3, (16, 16), 3, 10)]
+    with torch.no_grad():
+        own = tiny_unet(x * 0.45, torch.full((1,), 600.0), context=ctx[2:3])
+    close(out.cond, own, 1e-5)
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings()) as engine:
+        assert engine.mask_method is step_masks
+        shipped = engine.step(x.clone(), 3, 10, sigma, row_model, allow_update=False)
+        assert torch.equal(shipped.masks, engine.masks(shipped.maps, (16, 16)))
+    assert differs(shipped.cond, own)
