@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,26 @@ def routable(module: nn.Module) -> bool:
         return True
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(module, nn.Embedding)
+
+
+class Delta(Protocol):
+    """One layer's weight change from a LoRA, at multiplier 1: applied to the routed rows' input
+    (``apply``), never merged into the weight. Each LoRA format's form lives in ``formats``."""
+
+    # built when a pass sets its routes and dropped with them (a weight-sized tensor), not kept on the device
+    built_per_pass: bool
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Delta":
+        """The form a pass routes, on ``device`` in ``dtype``."""
+
+    def cached(self) -> "Delta":
+        """The form a LoRA cache keeps between generations (on the CPU, in the file's dtype)."""
+
+    def apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The delta's output for ``module``'s input rows ``x``."""
+
+    def dense(self, weight_shape: torch.Size) -> torch.Tensor:
+        """The full weight delta (float32), shaped like the module's weight."""
 
 
 @dataclass
@@ -53,9 +73,14 @@ class LowRankDelta:
     def dtype(self) -> torch.dtype:
         return self.down.dtype
 
+    built_per_pass = False
+
     def to(self, device: torch.device, dtype: torch.dtype) -> "LowRankDelta":
         mid = None if self.mid is None else self.mid.to(device, dtype)
         return LowRankDelta(self.down.to(device, dtype), self.up.to(device, dtype), self.scale, mid)
+
+    def cached(self) -> "LowRankDelta":
+        return self.to(torch.device("cpu"), self.dtype)
 
     def apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(module, nn.Conv2d):
@@ -95,9 +120,14 @@ class DenseDelta:
     def dtype(self) -> torch.dtype:
         return self.weight.dtype
 
+    built_per_pass = False
+
     def to(self, device: torch.device, dtype: torch.dtype) -> "DenseDelta":
         bias = None if self.bias is None else self.bias.to(device, dtype)
         return DenseDelta(self.weight.to(device, dtype), bias)
+
+    def cached(self) -> "DenseDelta":
+        return self.to(torch.device("cpu"), self.dtype)
 
     def apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.reshape(module.weight.shape)
@@ -126,8 +156,13 @@ class KroneckerDelta:
     def dtype(self) -> torch.dtype:
         return self.a.dtype
 
+    built_per_pass = False
+
     def to(self, device: torch.device, dtype: torch.dtype) -> "KroneckerDelta":
         return KroneckerDelta(self.a.to(device, dtype), self.b.to(device, dtype), self.scale)
+
+    def cached(self) -> "KroneckerDelta":
+        return self.to(torch.device("cpu"), self.dtype)
 
     def apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         (o1, i1), o2, i2 = self.a.shape, self.b.shape[0], self.b.shape[1]
@@ -156,10 +191,14 @@ class LazyDelta:
     """
 
     build: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+    built_per_pass = True
 
     def to(self, device: torch.device, dtype: torch.dtype) -> DenseDelta:
         weight, bias = self.build()
         return DenseDelta(weight.to(device, dtype), None if bias is None else bias.to(device, dtype))
+
+    def cached(self) -> "LazyDelta":
+        return self  # a way to build it: the host's objects behind it stay where they are
 
     def apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.to(x.device, x.dtype).apply(module, x)
@@ -180,6 +219,7 @@ class HadamardDelta:
     w2b: torch.Tensor
     scale: float
     weight_shape: tuple[int, ...]
+    built_per_pass = False
 
     def low_rank(self, device: torch.device | None = None) -> "LowRankDelta":
         factors = [w.to(device).float() for w in (self.w1a, self.w1b, self.w2a, self.w2b)]
@@ -187,6 +227,9 @@ class HadamardDelta:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "LowRankDelta":
         return self.low_rank(device).to(device, dtype)
+
+    def cached(self) -> "HadamardDelta":
+        return self  # the file's small factors (the host's own tensors, on the CPU already)
 
     def apply(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.to(x.device, x.dtype).apply(module, x)
@@ -212,13 +255,10 @@ def hadamard_as_low_rank(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor
     return LowRankDelta(down=down, up=up, scale=scale)
 
 
-Delta = LowRankDelta | DenseDelta | KroneckerDelta | HadamardDelta | LazyDelta
-
-
 def on_device(deltas: dict[str, Delta], device: torch.device, dtype: torch.dtype) -> dict[str, Delta]:
     """Device copies of cached deltas, in the model's dtype (LoHa's low-rank form is built here; a
     LazyDelta stays lazy: the router builds it per pass)."""
-    return {k: d if isinstance(d, LazyDelta) else d.to(device, dtype) for k, d in deltas.items()}
+    return {k: d if d.built_per_pass else d.to(device, dtype) for k, d in deltas.items()}
 
 
 @dataclass
@@ -263,7 +303,7 @@ class RowRouter:
         out: dict[str, Delta] = {}
         for name, delta in deltas.items():
             module = self._modules.get(name)
-            if isinstance(delta, LazyDelta) and module is not None and routable(module):
+            if delta.built_per_pass and module is not None and routable(module):
                 delta = delta.to(module.weight.device, module.weight.dtype)
             out[name] = delta
         return out
@@ -339,12 +379,13 @@ def merged(root: nn.Module, deltas: Mapping[str, Delta], multiplier: float = 1.0
         with torch.no_grad():
             for name, delta in deltas.items():
                 module = modules[name]
-                if isinstance(delta, LazyDelta):
+                if delta.built_per_pass:
                     delta = delta.to(module.weight.device, torch.float32)
                 backups[name] = (module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone())
                 module.weight += (multiplier * delta.dense(module.weight.shape)).to(module.weight.dtype)
-                if isinstance(delta, DenseDelta) and delta.bias is not None and module.bias is not None:
-                    module.bias += (multiplier * delta.bias).to(module.bias.dtype)
+                bias = getattr(delta, "bias", None)  # a dense delta's bias term
+                if bias is not None and module.bias is not None:
+                    module.bias += (multiplier * bias).to(module.bias.dtype)
         yield
     finally:
         with torch.no_grad():

@@ -103,3 +103,29 @@ def test_formats_without_a_factored_form_are_left_to_the_dense_build(factors):
 def test_a_grouped_conv_is_left_to_the_dense_build():
     f = Factors("lora", {"up": torch.ones(16, 2, 1, 1), "down": torch.ones(2, 8, 3, 3), "mid": None})
     assert routed_delta(f, (16, 8, 3, 3), grouped=True) is None
+
+
+def test_a_format_is_one_module_in_the_registry(monkeypatch):
+    """``formats.FORMATS`` maps a format's name to its module; the shared entry points dispatch there,
+    and refuse non-plain factors and grouped convs before any module runs. A name without a module
+    is built dense by the host (None)."""
+    import types
+
+    from clora_ext import formats
+    from clora_ext.routing import DenseDelta
+
+    assert set(formats.FORMATS) == {"lora", "loha", "lokr"}
+    seen = []
+    scaled = types.SimpleNamespace(
+        factor_shape=lambda f, shape: tuple(f.get("w").shape[:2]),
+        routed_delta=lambda f, shape: seen.append(tuple(shape)) or DenseDelta(f.get("w") * f.scale),
+    )
+    monkeypatch.setitem(formats.FORMATS, "scaled", scaled)
+    w = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    f = Factors("scaled", {"w": w}, scale=2.0)
+    assert factor_shape(f, (3, 5)) == (3, 5)
+    delta = routed_delta(f, (3, 5))
+    assert seen == [(3, 5)] and torch.equal(delta.weight, 2.0 * w)
+    assert routed_delta(Factors("scaled", {"w": w}, plain=False), (3, 5)) is None
+    assert routed_delta(f, (3, 5), grouped=True) is None and seen == [(3, 5)]
+    assert routed_delta(Factors("oft", {"w": w}), (3, 5)) is None and factor_shape(Factors("oft", {}), (3, 5)) is None

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..lora_file import LoRAFileError, map_lora, read_lora_file
 from .. import formats
-from ..routing import Delta, HadamardDelta, LazyDelta, Route, RowRouter, routable
+from ..routing import Delta, LazyDelta, Route, RowRouter, routable
 from ..webui import host as webui
 from ..webui.loras import LoRACache, made_for_another_family, on_disk
 from ..webui.plan import CLoRARuntimeError
@@ -88,7 +88,7 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
             if not routable(module.target):
                 lora.skipped += 1
                 continue
-            lora.unet[names[id(module.target)]] = _cpu(_delta(module))
+            lora.unet[names[id(module.target)]] = _delta(module).cached()
     else:
         _load_with_reader(lora, entry, model)
     if lora.skipped:
@@ -142,14 +142,6 @@ def _build_dense(module: host.NetworkModule) -> tuple[torch.Tensor, torch.Tensor
     return updown.detach().reshape(weight.shape), None if ex_bias is None else ex_bias.detach()
 
 
-def _cpu(delta: Delta) -> Delta:
-    """What the cache keeps: the factors on the CPU in the file's dtype (LoHa's and LazyDelta's are
-    the host's own tensors, already there)."""
-    if isinstance(delta, (LazyDelta, HadamardDelta)):
-        return delta
-    return delta.to(torch.device("cpu"), delta.dtype)
-
-
 def _load_with_reader(lora: HostLoRA, entry: Any, model: Any) -> None:
     if host.model_family(model) != "SD1":
         raise CLoRARuntimeError(
@@ -160,7 +152,7 @@ def _load_with_reader(lora: HostLoRA, entry: Any, model: Any) -> None:
         mapped = map_lora(weights, host.unet(model), text_encoder=host.text_encoder(model))
     except LoRAFileError as e:
         raise CLoRARuntimeError(f"CLoRA: {e}") from None
-    lora.unet = {k: _cpu(d) for k, d in mapped.unet.items()}
+    lora.unet = {k: d.cached() for k, d in mapped.unet.items()}
     lora.te_deltas = dict(mapped.text_encoder)
 
 

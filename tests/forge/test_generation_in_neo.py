@@ -388,18 +388,18 @@ def test_the_lora_readers_give_the_same_deltas(fake_host, fake_model, monkeypatc
 
 def _first_gradient(monkeypatch, p) -> torch.Tensor:
     """The first latent gradient of the generation ``p`` (CLoRA's first gradient pass)."""
-    from clora_ext.engine import CLoRAEngine
+    from clora_ext.optimiser import LatentOptimiser
 
     grads = []
-    gradient = CLoRAEngine._gradient
+    gradient = LatentOptimiser._gradient
 
     def recording(self, *args, **kwargs):
         grads.append(gradient(self, *args, **kwargs).clone())
         return grads[-1]
 
-    monkeypatch.setattr(CLoRAEngine, "_gradient", recording)
+    monkeypatch.setattr(LatentOptimiser, "_gradient", recording)
     generate(p)
-    monkeypatch.setattr(CLoRAEngine, "_gradient", gradient)
+    monkeypatch.setattr(LatentOptimiser, "_gradient", gradient)
     return grads[0]
 
 
