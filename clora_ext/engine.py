@@ -232,7 +232,16 @@ class _Call:
 
 
 class CLoRAEngine:
-    """Runs CLoRA step by step for one generation. Use as a context manager."""
+    """Runs CLoRA step by step for one generation (or one sampling pass of it).
+
+    The calling contract: build it with the UNet, each variant's LoRAs, the token maps and the
+    settings (``max_rows``: the most rows one UNet call may take); ``open()`` it (or use it as a
+    context manager), which puts the attention capture on the UNet; call ``step`` once per model
+    step of the sampler, with the token maps of the images it runs when they change (a prompt-editing
+    boundary, another group of a batch) and the batch positions of those images when they are a part
+    of the batch; ``close()`` takes every hook off (idempotent). ``records`` holds one ``StepRecord``
+    per step, ``last_output`` the latest step's maps and masks.
+    """
 
     def __init__(
         self,
@@ -243,6 +252,7 @@ class CLoRAEngine:
         hooks: EngineHooks | None = None,
         functional_gradient: bool = False,
         mask_method: MaskMethod = step_masks,
+        max_rows: int | None = None,
     ):
         self.unet = unet
         self.variant_loras = [list(v) for v in variant_loras]
@@ -252,8 +262,9 @@ class CLoRAEngine:
         self.capture = AttentionCapture(cross_attention_modules(unet))
         self.records: list[StepRecord] = []
         self.last_output: StepOutput | None = None  # maps and masks of the latest step, for previews
-        # the most rows one UNet call may take (None: no cap); the host's low-VRAM setting sets it
-        self.max_rows: int | None = None
+        # the most rows one UNet call may take (None: no cap; the host's low-VRAM setting sets it); halved
+        # after a call runs out of memory
+        self.max_rows = max_rows
         # the latent update and its state (fp16 loss scale, updates turned off after running out of memory)
         self.optimiser = LatentOptimiser(next(unet.parameters()).dtype == torch.float16, self.hooks.on_refine,
                                          self.hooks.interrupted, self.warn_once)
@@ -267,9 +278,13 @@ class CLoRAEngine:
         self.token_maps = token_maps
 
     # -- lifecycle --------------------------------------------------------------------------
-    def __enter__(self) -> "CLoRAEngine":
+    def open(self) -> "CLoRAEngine":
+        """Put the attention capture on the UNet (``close`` takes it off)."""
         self.capture.install()
         return self
+
+    def __enter__(self) -> "CLoRAEngine":
+        return self.open()
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -334,12 +349,19 @@ class CLoRAEngine:
         allow_update: bool = True,
         update_region: torch.Tensor | None = None,
         group: Hashable = None,
+        token_maps: Sequence[Sequence[TokenMapSpec]] | None = None,
+        batch_images: list[int] | None = None,
     ) -> StepOutput:
         """One sampling step. ``x`` (B, C, H, W) is the sampler's latent, updated in place;
         ``update_region`` (broadcastable to one image's latent, or one per image) confines the
         update to where it is 1 (the inpaint mask); ``group`` names the images when a caller
-        steps several groups of a batch in turn (``mask_memory`` keeps each group's masks)."""
-        record = StepRecord(step)
+        steps several groups of a batch in turn (``mask_memory`` keeps each group's masks);
+        ``token_maps``: the images' token maps from this step on (``set_token_maps``);
+        ``batch_images``: the images' positions in the batch, when they are a part of it (the
+        step's record says so)."""
+        if token_maps is not None:
+            self.set_token_maps(token_maps)
+        record = StepRecord(step, batch_images=batch_images)
         self.records.append(record)
         iterations = self.settings.schedule.iterations_at(step, total_steps)
         if allow_update and self.optimiser.enabled and self._n_concepts >= 2 and iterations:

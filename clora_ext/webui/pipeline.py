@@ -294,9 +294,8 @@ class Pass:
                          for lora_set in self.plan.unet_loras]
         hooks = EngineHooks(on_refine=_on_refine, interrupted=host.interrupted, warn=generation.note)
         self.engine = CLoRAEngine(unet, variant_loras, self.token_maps[0][0][1], args.engine_settings(), hooks,
-                                  functional_gradient=port.functional_gradient)
-        self.engine.max_rows = row_cap(self.images * self.plan.n_variants)
-        self.engine.__enter__()
+                                  functional_gradient=port.functional_gradient,
+                                  max_rows=row_cap(self.images * self.plan.n_variants)).open()
         # Interrupt/Skip stop a (gradient) UNet pass between blocks, not only between passes
         blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
         self._stops = [block.register_forward_pre_hook(self._stop_if_interrupted) for block in blocks]

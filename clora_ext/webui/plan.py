@@ -244,7 +244,6 @@ def fused_step(
         xg = x if whole else x.index_select(0, ids)
 
         row_model = HostRowModel(inner, rows, table, ids, sigma, image_cond)
-        engine.set_token_maps([maps[b] for b in group])
         space = SigmaSpace(sigma.index_select(0, ids)) if k_diffusion else DDPMSpace()
         region = update_region
         if region is not None:
@@ -252,8 +251,7 @@ def fused_step(
             if region.dim() == 4 and region.shape[0] > 1:
                 region = region.index_select(0, ids)
         out = engine.step(xg, step, total, space, row_model, allow_update=allow_update, update_region=region,
-                          group=tuple(group))
-        engine.records[-1].batch_images = group
+                          group=tuple(group), token_maps=[maps[b] for b in group], batch_images=group)
         if not whole:
             x[ids] = xg
         if fused_cond is None:
