@@ -24,7 +24,7 @@ TWO = {"concepts": [{"subject": "cat", "lora": "cat_lora", "trigger": "sks"}, {"
 def test_pure_modules_import_without_the_host():
     code = (
         "import sys; import clora_ext.webui.params, clora_ext.webui.infotext, clora_ext.webui.plan, "
-        "clora_ext.webui.previews; "
+        "clora_ext.webui.previews, clora_ext.webui.passes, clora_ext.webui.samplers; "
         "sys.exit(1 if any(m == 'modules' or m.startswith('modules.') for m in sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

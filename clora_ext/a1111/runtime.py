@@ -36,8 +36,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..webui import host as webui
-from ..webui import pipeline
-from ..webui.pipeline import Generations, GenerationState, controlnet_message, refused
+from ..webui import passes, pipeline
+from ..webui.passes import PassFacts
+from ..webui.pipeline import Generations, GenerationState, WebUIPort, controlnet_message, refused
 from ..webui.plan import ChunkedTokenizer, CLoRARuntimeError, FusedProxy, VariantPlan, check_single_conds
 from ..webui.samplers import SamplerSupport
 from . import encoding, host, lora_bridge
@@ -94,7 +95,7 @@ class Generation(GenerationState):
                 raise CLoRARuntimeError(controlnet_message("ControlNet is active for this generation"))
             if self._pass is None or not self._pass.port.serves(denoiser):
                 self.close_pass()
-                self._pass = pipeline.Pass(self, Port(denoiser, cond))
+                self._pass = passes.Pass(self, Port(self.p, denoiser, cond))
             inner = host.inner_model(denoiser)
             fused = self._pass.step(inner, x, sigma, image_cond, host.denoiser_step(denoiser),
                                     host.denoiser_total_steps(denoiser), host.sigma_space(denoiser),
@@ -114,13 +115,14 @@ class Generation(GenerationState):
         host.forget_cached_conds(self.p)
 
 
-class Port:
-    """A1111's side of one sampling pass (``pipeline.PassPort``): the pass runs inside ``denoiser``'s
+class Port(WebUIPort):
+    """A1111's side of one sampling pass (``passes.PassPort``): the pass runs inside ``denoiser``'s
     forward, on the loaded checkpoint's ldm/sgm UNet, with ordinary autograd."""
 
     functional_gradient = False
 
-    def __init__(self, denoiser: Any, cond: Any):
+    def __init__(self, p: Any, denoiser: Any, cond: Any):
+        super().__init__(p)
         self.denoiser = denoiser
         self.cond = cond
         self.model = host.sd_model()
@@ -138,13 +140,13 @@ class Port:
     def load_lora(self, name: str) -> lora_bridge.HostLoRA:
         return lora_bridge.load(name)
 
-    def encode(self, plan: VariantPlan, loras: dict, facts: webui.PassFacts) -> list[list[tuple[int, Any]]]:
+    def encode(self, plan: VariantPlan, loras: dict, facts: PassFacts) -> list[list[tuple[int, Any]]]:
         return encoding.encode(plan, loras, _encoding_schedule(facts))
 
     def tokenizer(self) -> ChunkedTokenizer:
         return encoding.host_tokenizer()
 
-    def prompt_schedules(self, texts: list[str], facts: webui.PassFacts) -> list[list[tuple[int, str]]]:
+    def prompt_schedules(self, texts: list[str], facts: PassFacts) -> list[list[tuple[int, str]]]:
         return _encoding_schedule(facts).prompt_schedules(texts)
 
     def sampler_function(self) -> str | None:
@@ -164,5 +166,5 @@ class Port:
         host.raise_interrupted()
 
 
-def _encoding_schedule(facts: webui.PassFacts) -> encoding.Schedule:
+def _encoding_schedule(facts: PassFacts) -> encoding.Schedule:
     return encoding.Schedule(facts.steps, facts.hires_steps, facts.width, facts.height)

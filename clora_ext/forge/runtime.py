@@ -33,9 +33,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..webui import host as webui
-from ..webui import pipeline
-from ..webui.pipeline import Generations, GenerationState, controlnet_message, refused
+from ..webui import passes, pipeline
+from ..webui.passes import PassFacts
+from ..webui.pipeline import Generations, GenerationState, WebUIPort, controlnet_message, refused
 from ..webui.plan import ChunkedTokenizer, CLoRARuntimeError, VariantPlan, check_single_conds, condition_parts
 from ..webui.samplers import SamplerSupport
 from . import host, lora_bridge
@@ -89,7 +89,7 @@ def _passthrough(apply_model: Any, args: dict) -> torch.Tensor:
 
 
 class Pass:
-    """One sampling (one batch, first pass or hires) on a Forge host: the shared ``pipeline.Pass``,
+    """One sampling (one batch, first pass or hires) on a Forge host: the shared ``passes.Pass``,
     hooked into the host's sampling through a clone of its UnetPatcher (``modifier``, ``wrapper``)."""
 
     def __init__(self, generation: Generation):
@@ -97,7 +97,7 @@ class Pass:
         self._fused: torch.Tensor | None = None
         self._sampler_x: torch.Tensor | None = None
         self._watch: Any = None
-        self.core = pipeline.Pass(generation, Port(generation.p, self))
+        self.core = passes.Pass(generation, Port(generation.p, self))
         self.images = self.core.images
         self._watch = host.watch_sampler_latent(generation.p, self._keep_sampler_x)
 
@@ -165,15 +165,15 @@ class Pass:
         self._fused = None
 
 
-class Port:
-    """The Forge family's side of one sampling pass (``pipeline.PassPort``): the host's LoRA loader and
+class Port(WebUIPort):
+    """The Forge family's side of one sampling pass (``passes.PassPort``): the host's LoRA loader and
     CLIP patcher, its chunker and prompt schedules, and a clone of its UnetPatcher carrying ``sampling``'s
     hooks. Sampling runs in inference mode, so the gradient passes are functional (torch.func)."""
 
     functional_gradient = True
 
     def __init__(self, p: Any, sampling: Pass):
-        self.p = p
+        super().__init__(p)
         self.sampling = sampling
 
     def check_model(self) -> None:
@@ -187,13 +187,13 @@ class Port:
     def load_lora(self, name: str) -> lora_bridge.ForgeLoRA:
         return lora_bridge.load(name, self.p)
 
-    def encode(self, plan: VariantPlan, loras: dict, facts: webui.PassFacts) -> list[list[tuple[int, Any]]]:
+    def encode(self, plan: VariantPlan, loras: dict, facts: PassFacts) -> list[list[tuple[int, Any]]]:
         return _encode(self.p, plan, loras, facts)
 
     def tokenizer(self) -> ChunkedTokenizer:
         return ChunkedTokenizer(host.prompt_chunker(self.p))
 
-    def prompt_schedules(self, texts: list[str], facts: webui.PassFacts) -> list[list[tuple[int, str]]]:
+    def prompt_schedules(self, texts: list[str], facts: PassFacts) -> list[list[tuple[int, str]]]:
         return host.prompt_schedules(texts, facts.steps, facts.hires_steps)
 
     def sampler_function(self) -> str | None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from fastapi.exceptions import HTTPException
 
 from modules import extra_networks, processing, sd_samplers, shared
+
+from .passes import PassFacts
 
 RefusalBase = HTTPException  # the API answers these with their status code, without a backtrace
 
@@ -68,20 +69,6 @@ def is_txt2img(p: Any) -> bool:
 
 def is_img2img(p: Any) -> bool:
     return isinstance(p, processing.StableDiffusionProcessingImg2Img)
-
-
-@dataclass(frozen=True)
-class PassFacts:
-    """What one sampling pass of ``p`` is: its prompts and how the host schedules them."""
-
-    hires: bool
-    prompts: list[str]
-    negatives: list[str]
-    sampler_name: str
-    steps: int  # the schedule's step count for prompt editing (the first pass's)
-    hires_steps: int | None
-    width: int
-    height: int
 
 
 def pass_facts(p: Any) -> PassFacts:

@@ -10,7 +10,7 @@ import torch
 from modules import processing, shared
 
 from clora_ext.webui.infotext import KEY
-from clora_ext.webui import pipeline
+from clora_ext.webui import passes
 from clora_ext.webui.pipeline import RequestRefused
 from clora_ext.forge import runtime
 
@@ -46,7 +46,7 @@ def test_off_is_the_host_unchanged(fake_host, fake_model):
 def _spy_fused_step(monkeypatch) -> list:
     """Record, per model call, what the conditioning modifier saw and did to the sampler's x."""
     seen = []
-    step = pipeline.fused_step
+    step = passes.fused_step
 
     def spy(engine, inner, rows, x, *args, **kwargs):
         before = x.clone()
@@ -55,7 +55,7 @@ def _spy_fused_step(monkeypatch) -> list:
                      "moved": float((x - before).abs().max())})
         return out
 
-    monkeypatch.setattr(pipeline, "fused_step", spy)
+    monkeypatch.setattr(passes, "fused_step", spy)
     return seen
 
 

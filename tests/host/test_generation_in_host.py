@@ -10,7 +10,7 @@ import torch
 from modules import processing, prompt_parser, shared
 
 from clora_ext.a1111 import runtime
-from clora_ext.webui import pipeline
+from clora_ext.webui import passes, pipeline
 from clora_ext.webui.infotext import KEY
 
 from driver import clora, generate
@@ -183,7 +183,7 @@ def test_inpainting_updates_only_inside_the_mask(fake_host, monkeypatch):
     keep[:, :, :4] = 1  # left half kept, right half repainted
     p = img2img(script_args=(clora(*PAIR),), steps=4, denoising_strength=1.0, mask=keep, nmask=1 - keep)
     moves = []
-    step = pipeline.fused_step
+    step = passes.fused_step
 
     def spy(engine, inner, rows, x, *args, **kwargs):
         before = x.clone()
@@ -191,7 +191,7 @@ def test_inpainting_updates_only_inside_the_mask(fake_host, monkeypatch):
         moves.append((x - before).abs())
         return out
 
-    monkeypatch.setattr(pipeline, "fused_step", spy)
+    monkeypatch.setattr(passes, "fused_step", spy)
     generate(p)
     assert moves[0][..., 4:].sum() > 0  # the update moved the repainted half
     assert all(float(m[..., :4].max()) == 0 for m in moves)  # and never the kept half
