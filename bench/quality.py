@@ -71,9 +71,10 @@ LOSS_METHODS = ("clora_masks_subject_loss_subject", "clora_masks_subject_exclusi
 # shared unconditional row per image (engine.UncondRows.SHARED), the latent update without its mean per mask
 # region (update_keeps_means), updates in the first fifth of the steps only (before colours set; refinement
 # at step 0 only), each on top of the shipped defaults
-# the loss's gradient through each concept's own variant only (loss.LossGradient.OWN)
+# the loss's gradient through each concept's own variant only (loss.LossGradient.OWN); the regional means
+# taken out of the gradient through the other variants' maps only (keeps_means_others_only)
 LEVER_METHODS = ("clora_loss_agreeing", "clora_shared_uncond", "clora_update_keeps_means", "clora_updates_early",
-                 "clora_own_gradient")
+                 "clora_own_gradient", "clora_keeps_means_others")
 # the paper's 20 refinement iterations on top of the shipped defaults (README's advice for 3+ LoRAs)
 REFINE_METHODS = ("clora_refine_20",)
 # on request: the reference implementation's per-step computation (bench.reference: stale maps and
@@ -111,6 +112,8 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
         "clora_mask_memory_0.5": ("clora", dataclasses.replace(EngineSettings(), mask_memory=0.5)),
         "clora_update_keeps_means": ("clora", dataclasses.replace(EngineSettings(), update_keeps_means=True)),
         "clora_updates_early": ("clora", dataclasses.replace(EngineSettings(), schedule=Schedule(update_fraction=0.2))),
+        "clora_keeps_means_others": ("clora", dataclasses.replace(EngineSettings(), update_keeps_means=True,
+                                                                  keeps_means_others_only=True)),
         "clora_own_gradient": ("clora", dataclasses.replace(EngineSettings(), loss_gradient=LossGradient.OWN)),
         "clora_soft_edges_late": ("clora", dataclasses.replace(EngineSettings(), soft_edges_from=0.5)),
         "clora_masks_subject_contour": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT,
@@ -346,7 +349,8 @@ def _describe(method: str) -> dict:
             "mask_tokens": MaskTokens(s.mask_tokens).value, "mask_upsampling": MaskUpsampling(s.mask_upsampling).value,
             "mask_overlap": MaskOverlap(s.mask_overlap).value, "loss_tokens": LossTokens(s.loss_tokens).value,
             "uncond_rows": UncondRows(s.uncond_rows).value, "mask_memory": s.mask_memory,
-            "update_keeps_means": s.update_keeps_means, "soft_edges_from": s.soft_edges_from,
+            "update_keeps_means": s.update_keeps_means, "keeps_means_others_only": s.keeps_means_others_only,
+            "soft_edges_from": s.soft_edges_from,
             "loss_gradient": LossGradient(s.loss_gradient).value}
 
 

@@ -35,7 +35,7 @@ from .loss import (DEFAULT_TAU, LossGradient, LossTokens, agreeing_maps, concept
                    masked_contrastive_loss, with_gradient_through)
 from .masks import (MaskMethod, MaskOverlap, MaskTokens, MaskUpsampling, Morphology, fuse, step_masks,
                     threshold_masks)
-from .optimiser import OUT_OF_MEMORY, Backward, LatentOptimiser
+from .optimiser import OUT_OF_MEMORY, Backward, LatentOptimiser, TwoPaths
 from .records import StepRecord
 from .routing import Delta, Route, RowRouter
 from .tokens import TokenMapSpec
@@ -167,6 +167,9 @@ class EngineSettings:
     # (update.without_region_means): it may move where a subject's attention sits but not a region's
     # colour, which the loss otherwise pushes towards the base model's palette; False: the paper's
     update_keeps_means: bool = False
+    # with update_keeps_means: only the gradient through the other variants' maps (the base prompt's, the
+    # other LoRAs') loses its regional means; the path through each subject's own-variant maps stays whole
+    keeps_means_others_only: bool = False
     # from this fraction of the steps on, the masks grow with soft (bilinear) edges whatever mask_upsampling
     # says: the layout is settled by then and a hard seam only leaves texture behind; 1: never (the paper's)
     soft_edges_from: float = 1.0
@@ -391,13 +394,27 @@ class CLoRAEngine:
             # transform, tensors made there cannot be read back as Python values
             calls = self._calls(model, layout, request)
 
+            two = self.settings.update_keeps_means and self.settings.keeps_means_others_only
+
             def losses_at(z: torch.Tensor) -> torch.Tensor:
                 _, maps = self._run(model, z.index_select(0, layout.image), layout, request, calls)
-                return self._image_losses(maps.reshape(images, len(self._token_maps), *request.map_hw))
+                maps = maps.reshape(images, len(self._token_maps), *request.map_hw)
+                if not two:
+                    return self._image_losses(maps)
+                # the same losses twice: through every map, then through the own-variant maps alone
+                return torch.cat([self._image_losses(maps), self._image_losses(maps, LossGradient.OWN)])
+
+            def paths(raw: Backward, losses: torch.Tensor) -> tuple[torch.Tensor, Backward]:
+                if not two:
+                    return losses.detach(), raw
+                zero = torch.zeros(images, device=losses.device, dtype=losses.dtype)
+                return losses[:images].detach(), TwoPaths(
+                    lambda weights, retain: raw(torch.cat([weights.to(losses.dtype), zero]), retain),
+                    lambda weights, retain: raw(torch.cat([zero, weights.to(losses.dtype)]), retain))
 
             if self.functional_gradient:
                 losses, vjp = torch.func.vjp(torch.func.functionalize(losses_at), x.clone())
-                yield losses.detach(), lambda weights, retain: vjp(weights.to(losses.dtype))[0]
+                yield paths(lambda weights, retain: vjp(weights.to(losses.dtype))[0], losses)
                 return
             with torch.enable_grad():
                 leaf = x.detach().requires_grad_(True)
@@ -407,7 +424,7 @@ class CLoRAEngine:
                     (grad,) = torch.autograd.grad((losses * weights.to(losses.dtype)).sum(), leaf, retain_graph=retain)
                     return grad
 
-                yield losses.detach(), backward
+                yield paths(backward, losses)
 
     @contextlib.contextmanager
     def _deltas_built(self) -> Iterator[None]:
@@ -544,10 +561,11 @@ class CLoRAEngine:
         return threshold_masks(maps, self._token_maps, self.n_variants, tuple(latent_hw), self.settings,
                                upsampling or self.settings.mask_upsampling)
 
-    def _image_losses(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B,) contrastive loss of each image's (P, h, w) maps, over the maps the loss-token rule keeps."""
+    def _image_losses(self, maps: torch.Tensor, gradient: LossGradient | None = None) -> torch.Tensor:
+        """(B,) contrastive loss of each image's (P, h, w) maps, over the maps the loss-token rule keeps
+        (``gradient``: through which maps the gradient goes, instead of the settings' rule)."""
         labels = self._labels.to(maps.device)
-        maps = with_gradient_through(maps, self._map_own, self.settings.loss_gradient)
+        maps = with_gradient_through(maps, self._map_own, gradient or self.settings.loss_gradient)
         if LossTokens(self.settings.loss_tokens) is LossTokens.AGREEING:  # chosen per image and pass
             trigger = self._map_trigger.to(maps.device)
             return torch.stack([masked_contrastive_loss(m, labels, agreeing_maps(m, labels, trigger), self.settings.tau)

@@ -10,6 +10,7 @@ memory error in the backward pass turns the updates off for the generation (``en
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, ContextManager, Protocol
 
 import torch
@@ -21,6 +22,18 @@ from .update import LatentSpace, apply_update, without_region_means
 Backward = Callable[[torch.Tensor, bool], torch.Tensor]
 # the images' losses at a latent, and their backward, while the block is open
 LossAt = Callable[[torch.Tensor], ContextManager[tuple[torch.Tensor, Backward]]]
+
+@dataclass(frozen=True)
+class TwoPaths:
+    """A backward that also gives the gradient through each subject's own-variant maps alone
+    (``own``), for an update that treats the two paths apart (``keeps_means_others_only``)."""
+
+    whole: Backward
+    own: Backward
+
+    def __call__(self, weights: torch.Tensor, retain: bool) -> torch.Tensor:
+        return self.whole(weights, retain)
+
 
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
 
@@ -43,6 +56,7 @@ class UpdateSettings(Protocol):
     refine_tolerance: float | None
     momentum: float
     update_keeps_means: bool
+    keeps_means_others_only: bool
 
 
 class LatentOptimiser:
@@ -99,7 +113,10 @@ class LatentOptimiser:
                     kept = torch.tensor(keep, device=x.device)
                     weights = torch.zeros_like(losses_t)
                     weights[kept] = 1.0
-                    grad = self._gradient(backward, weights, float(losses_t.index_select(0, kept).sum()))
+                    loss_kept = float(losses_t.index_select(0, kept).sum())
+                    two = isinstance(backward, TwoPaths) and settings.update_keeps_means
+                    grad = self._gradient(backward, weights, loss_kept, keep_graph=two)
+                    grad_own = self._gradient(backward.own, weights, loss_kept) if two else None
             except OUT_OF_MEMORY:  # in the backward pass (the forward retries in halves)
                 self.enabled = False
                 self.warn("oom", "CLoRA: out of memory in the gradient pass; latent updates skipped for this image")
@@ -118,7 +135,11 @@ class LatentOptimiser:
                     regions = regions.index_select(0, active.to(regions.device))
                 elif regions is not None:  # another batch shape than the last step's: no regions to keep
                     regions = None
-                grad = without_region_means(grad, regions)
+                if grad_own is None:
+                    grad = without_region_means(grad, regions)
+                else:  # only the path through the other variants' maps loses its regional means
+                    grad_own = grad_own.index_select(0, kept)
+                    grad = grad_own + without_region_means(grad - grad_own, regions)
             if region is not None:  # after the means: nothing moves outside the inpainted region
                 grad = grad * (region if region.dim() < 4 or region.shape[0] == 1 else region.index_select(0, active))
             if velocity is not None:
@@ -135,17 +156,18 @@ class LatentOptimiser:
                 record.image_updates[b] = record.image_updates.get(b, 0) + 1
             record.iterations += 1
 
-    def _gradient(self, backward: Backward, weights: torch.Tensor, loss: float) -> torch.Tensor:
+    def _gradient(self, backward: Backward, weights: torch.Tensor, loss: float, keep_graph: bool = False) -> torch.Tensor:
         """d(sum of ``weights`` * losses) / d x (float32). On an fp16 model a gradient that flushes to zero
         in the half-precision activations is computed again with the loss scaled up, one that overflows
         with it scaled down (the graph is kept for those retries); the scale that worked is kept for the
-        next pass. ``loss``: the weighted loss's value, to tell a zero gradient from a flat loss."""
+        next pass. ``loss``: the weighted loss's value, to tell a zero gradient from a flat loss;
+        ``keep_graph``: the graph stays for another backward."""
         if not self.half:
-            return backward(weights, False).float()
+            return backward(weights, keep_graph).float()
         scale = self.loss_scale
         for attempt in range(LOSS_SCALE_TRIES):
             last = attempt == LOSS_SCALE_TRIES - 1
-            grad = backward(weights * scale, not last).float() / scale
+            grad = backward(weights * scale, keep_graph or not last).float() / scale
             if not torch.isfinite(grad).all():
                 scale /= LOSS_SCALE_FACTOR
             elif not grad.any() and loss != 0:

@@ -632,3 +632,38 @@ def test_a_mask_method_given_to_the_engine_makes_the_masks_it_fuses_with(tiny_un
         shipped = engine.step(x.clone(), 3, 10, sigma, row_model, allow_update=False)
         assert torch.equal(shipped.masks, engine.masks(shipped.maps, (16, 16)))
     assert differs(shipped.cond, own)
+
+
+def test_keeps_means_others_only_removes_the_means_of_the_other_variants_path_alone(tiny_unet):
+    """``update_keeps_means`` with ``keeps_means_others_only``: the update is the gradient through the
+    own-variant maps, whole, plus the gradient through the other maps less its mean (over the whole
+    picture before any masks), each computed here on its own; the functional pass agrees."""
+    from clora_ext.loss import LossGradient
+
+    specs = [TokenMapSpec(v, p, c, v == c + 1) for v in (0, 1, 2) for p, c in ((2, 0), (5, 1))]
+    gen = torch.Generator().manual_seed(15)
+    ctx = torch.randn(3, 77, 32, generator=gen)
+    sigma = torch.tensor([2.0])
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    x0 = torch.randn(1, 4, 16, 16, generator=gen) * 2.0
+    schedule = Schedule(refine_iterations=0)
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings(schedule=schedule)) as engine:
+        _, whole = engine.loss_and_gradient(x0, row_model)
+    with CLoRAEngine(tiny_unet, [[], [], []], specs, EngineSettings(loss_gradient=LossGradient.OWN)) as engine:
+        _, own = engine.loss_and_gradient(x0, row_model)
+    others = whole - own
+    expected = x0.clone()
+    apply_update(expected, own + others - others.mean(dim=(-2, -1), keepdim=True), 20.0, SigmaSpace(sigma))
+    settings = EngineSettings(schedule=schedule, update_keeps_means=True, keeps_means_others_only=True)
+    for functional in (False, True):
+        with CLoRAEngine(tiny_unet, [[], [], []], specs, settings, functional_gradient=functional) as engine:
+            x = x0.clone()
+            engine.step(x, 0, 10, SigmaSpace(sigma), row_model)
+            assert engine.records[0].iterations == 1
+        close(x, expected, 1e-4)
+    whole_kept = x0.clone()
+    apply_update(whole_kept, whole - whole.mean(dim=(-2, -1), keepdim=True), 20.0, SigmaSpace(sigma))
+    assert differs(x, whole_kept, 1e-4)  # not the plain keeps_means (the own path keeps its small mean)
