@@ -158,6 +158,7 @@ class SumDelta:
     """Several LoRAs' deltas of one module, summed (one weight backup per module when merging)."""
 
     parts: list[tuple[float, Any]]
+    built_per_pass = False  # what routing.merged asks of a delta: its parts build themselves in ``dense``
 
     def dense(self, weight_shape: torch.Size) -> torch.Tensor:
         return sum(w * d.dense(weight_shape) for w, d in self.parts)

@@ -7,6 +7,7 @@ import json
 from PIL import Image
 
 from miniworld import demo
+from miniworld.loras import LORAS
 from miniworld.model import read_manifest
 
 
@@ -22,7 +23,7 @@ def test_demo_writes_panels_and_a_summary_of_the_oracle(tmp_path):
         methods = saved["oracle"][key]["methods"]
         assert set(methods) == set(demo.SHOWN)
         for picture in methods["merge"]["pictures"]:
-            assert set(picture) == {"seed"} | {demo.LORAS[n].shape for n in task.content}
+            assert set(picture) == {"seed"} | {LORAS[n].shape for n in task.content}
             for verdict in (v for k, v in picture.items() if k != "seed"):
                 assert set(verdict) == {"present", "count", "own_attribute", "other_attribute"}
         assert 0.0 <= methods["clora"]["mask_iou"] <= 1.0
