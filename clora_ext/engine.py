@@ -60,6 +60,10 @@ class RowLayout:
         rows = rows.to(self.image.device)
         return RowLayout(self.image[rows], self.variant[rows], self.uncond[rows])
 
+    def of_images(self, images: torch.Tensor) -> "RowLayout":
+        """The same rows, image b renumbered ``images[b]`` (some images of a larger batch)."""
+        return RowLayout(images.to(self.image.device)[self.image], self.variant, self.uncond)
+
     @classmethod
     def build(cls, images: int, variants: int, with_uncond: bool, device: torch.device | str = "cpu",
               uncond_variants: int | None = None) -> "RowLayout":
@@ -368,13 +372,14 @@ class CLoRAEngine:
         self.records.append(record)
         iterations = self.settings.schedule.iterations_at(step, total_steps)
         if allow_update and self.optimiser.enabled and self._n_concepts >= 2 and iterations:
-            self.optimiser.run(x, space, lambda z: self.differentiable_loss(z, model), iterations, record,
+            self.optimiser.run(x, space, lambda z, images: self.differentiable_loss(z, model, images), iterations, record,
                                self.settings, update_region, self._last_masks.get(group))
         self.last_output = self._fused_pass(x, step, total_steps, model, record, group)
         return self.last_output
 
     @contextlib.contextmanager
-    def differentiable_loss(self, x: torch.Tensor, model: RowModel) -> Iterator[tuple[torch.Tensor, Backward]]:
+    def differentiable_loss(self, x: torch.Tensor, model: RowModel,
+                            step_images: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, Backward]]:
         """Each image's contrastive loss (B,) at latent ``x`` (detached) and ``backward(weights, retain)``:
         the gradient of sum(weights * losses) w.r.t. ``x``, callable again while ``retain`` was True.
 
@@ -383,21 +388,26 @@ class CLoRAEngine:
         forward): hosts that sample in inference mode with inference-tensor weights and
         in-place residuals (the Forge family) allow no autograd graph, and this needs neither
         a graph on the weights nor a copy of them.
+
+        ``step_images``: which of the step's images the images of ``x`` are (all, in order, when None;
+        a refinement that goes on for some images only passes those).
         """
         images = x.shape[0]
         layout = RowLayout.build(images, self.n_variants, with_uncond=False, device=x.device)
+        # the model and the token positions see the step's image numbers; ``layout`` indexes ``x``
+        model_layout = layout if step_images is None else layout.of_images(step_images)
 
-        request = self._request(layout, x, grad=True)
+        request = self._request(layout, x, grad=True, step_images=step_images)
         built = self._deltas_built() if self.functional_gradient else contextlib.nullcontext()
         with gradient_ready(self.unet), built:
             # the calls' row bookkeeping is planned here, outside the pass: inside a torch.func
             # transform, tensors made there cannot be read back as Python values
-            calls = self._calls(model, layout, request)
+            calls = self._calls(model, model_layout, request)
 
             two = self.settings.update_keeps_means and self.settings.keeps_means_others_only
 
             def losses_at(z: torch.Tensor) -> torch.Tensor:
-                _, maps = self._run(model, z.index_select(0, layout.image), layout, request, calls)
+                _, maps = self._run(model, z.index_select(0, layout.image), model_layout, request, calls)
                 maps = maps.reshape(images, len(self._token_maps), *request.map_hw)
                 if not two:
                     return self._image_losses(maps)
@@ -573,7 +583,9 @@ class CLoRAEngine:
         keep = self._loss_keep.to(maps.device)
         return torch.stack([contrastive_loss(m[keep], labels[keep], self.settings.tau) for m in maps])
 
-    def _request(self, layout: RowLayout, x: torch.Tensor, grad: bool) -> CaptureRequest:
+    def _request(self, layout: RowLayout, x: torch.Tensor, grad: bool,
+                 step_images: torch.Tensor | None = None) -> CaptureRequest:
+        """The maps to capture for ``x``'s images (``step_images``: which of the step's images they are)."""
         images = x.shape[0]
         variants = self.n_variants
         maps = len(self._token_maps)
@@ -583,6 +595,8 @@ class CLoRAEngine:
         positions = self._map_position
         if len(positions) == 1:
             positions = positions.expand(images, -1)
+        elif step_images is not None:
+            positions = positions.index_select(0, step_images.to(positions.device))
         elif len(positions) != images:
             raise ValueError(f"token maps were set for {len(positions)} images, the step has {images}")
         cols = positions.reshape(-1)

@@ -1,7 +1,7 @@
 """The latent update of one sampling step (docs/algorithm.md section 4), apart from the model.
 
 ``LatentOptimiser.run`` takes gradient steps on the contrastive loss, which the engine's
-gradient pass gives as ``loss_at(z)``; every image of a batch refines, stops (``refine_tolerance``)
+gradient pass gives as ``loss_at(z, images)``; every image of a batch refines, stops (``refine_tolerance``)
 and takes back an overshooting update on its own loss. On a half-precision model the gradient is
 computed with a loss scale that keeps it out of fp16's zero and overflow (``_gradient``). An out of
 memory error in the backward pass turns the updates off for the generation (``enabled``).
@@ -21,7 +21,8 @@ from .update import LatentSpace, apply_update, without_region_means
 # a gradient pass's backward: (weights per image, keep the graph for another call) -> d(weights . losses)/dx
 Backward = Callable[[torch.Tensor, bool], torch.Tensor]
 # the images' losses at a latent, and their backward, while the block is open
-LossAt = Callable[[torch.Tensor], ContextManager[tuple[torch.Tensor, Backward]]]
+# (latents of some of the batch's images, which images they are) -> their losses and backward
+LossAt = Callable[[torch.Tensor, torch.Tensor], ContextManager[tuple[torch.Tensor, Backward]]]
 
 @dataclass(frozen=True)
 class TwoPaths:
@@ -75,7 +76,7 @@ class LatentOptimiser:
     def run(self, x: torch.Tensor, space: LatentSpace, loss_at: LossAt, iterations: int, record: StepRecord,
             settings: UpdateSettings, region: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> None:
         """Update ``x`` in place over ``iterations`` gradient steps; every image of the batch refines, stops
-        and takes back on its own loss. ``loss_at(z)``: the images' losses at ``z`` and their backward
+        and takes back on its own loss. ``loss_at(z, images)``: the losses at ``z`` (the latents of ``x``'s images ``images``) and their backward
         (``CLoRAEngine.differentiable_loss``); ``region``: where the update may act (the inpaint mask);
         ``masks``: the previous step's masks of these images (``keeps_means``' regions)."""
         tolerance = settings.refine_tolerance
@@ -89,7 +90,7 @@ class LatentOptimiser:
             if self.interrupted():
                 return
             try:
-                with loss_at(x.index_select(0, active)) as (losses_t, backward):
+                with loss_at(x.index_select(0, active), active) as (losses_t, backward):
                     losses = losses_t.detach().float().cpu().tolist()
                     if not all(math.isfinite(v) for v in losses):
                         self.warn("nonfinite", "CLoRA: non-finite loss or gradient; that latent update was skipped")

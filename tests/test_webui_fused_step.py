@@ -55,7 +55,7 @@ def _loras(unet: nn.Module, seed: int) -> dict:
     return deltas
 
 
-def _setup(unet: nn.Module, clip_bpe, sdxl: bool, images: list[int], uncond_chunks: int = 1):
+def _setup(unet: nn.Module, clip_bpe, sdxl: bool, images: list[int], uncond_chunks: int = 1, settings=SETTINGS):
     comp = Composition.from_concepts([Concept("cat", "a", trigger="sks"), Concept("dog", "b")])
     tok = BPEChunkTokenizer(clip_bpe.encode)
     prompts = [PROMPTS[i] for i in images]
@@ -72,13 +72,16 @@ def _setup(unet: nn.Module, clip_bpe, sdxl: bool, images: list[int], uncond_chun
         conds = [all_rows[r] for r in rows]
     table = ConditioningTable(conds)
     uses = [[], [LoRAUse("a", _loras(unet, 1))], [LoRAUse("b", _loras(unet, 2))]]
-    engine = CLoRAEngine(unet, uses, maps[0], SETTINGS)
+    engine = CLoRAEngine(unet, uses, maps[0], settings)
     return engine, table, maps
 
 
-def _run(unet, clip_bpe, sdxl, images, x, sigma, allow_update=True, uncond_chunks=1, inner=None):
-    engine, table, maps = _setup(unet, clip_bpe, sdxl, images, uncond_chunks)
+def _run(unet, clip_bpe, sdxl, images, x, sigma, allow_update=True, uncond_chunks=1, inner=None, settings=SETTINGS,
+         seen=None):
+    engine, table, maps = _setup(unet, clip_bpe, sdxl, images, uncond_chunks, settings)
     inner = inner or HostLikeDenoiser(unet, sdxl)
+    if seen is not None:
+        seen.append(engine)
     with engine:
         return fused_step(
             engine, inner, ProxyRows(len(images), 3), x, sigma, torch.zeros(len(images), 5, 1, 1),
@@ -102,6 +105,24 @@ def test_batch_of_two_prompts_equals_each_image_alone(request, clip_bpe, sdxl):
         close(xi, x[i : i + 1])
         close(alone[0], fused[i])  # cond row
         close(alone[1], fused[2 + i])  # uncond row
+
+
+def test_an_image_that_refines_on_after_another_stopped_keeps_its_own_prompt(tiny_unet, clip_bpe):
+    """Refinement goes on for the images whose loss still falls: those passes see the images' own
+    conds and token positions (image 1's, not image 0's, once image 0 has stopped)."""
+    settings = EngineSettings(schedule=Schedule(refine_iterations=8), refine_tolerance=5e-2)
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)) * 14.6
+    sigma = torch.tensor([14.6, 14.6])
+    x, engines = x0.clone(), []
+    fused = _run(tiny_unet, clip_bpe, False, [0, 1], x, sigma, settings=settings, seen=engines)
+    passes = {b: len(losses) for b, losses in engines[0].records[0].image_losses.items()}
+    assert passes[0] != passes[1]  # the images stopped at different passes
+    for i in (0, 1):
+        xi, alone = x0[i : i + 1].clone(), []
+        out = _run(tiny_unet, clip_bpe, False, [i], xi, sigma[i : i + 1], settings=settings, seen=alone)
+        assert len(alone[0].records[0].image_losses[0]) == passes[i]
+        close(xi, x[i : i + 1])
+        close(out[0], fused[i])
 
 
 def test_images_whose_maps_differ_only_in_position_share_each_model_call(tiny_unet, clip_bpe):

@@ -210,7 +210,7 @@ def test_a_half_precision_gradient_that_flushes_to_zero_is_recovered_by_loss_sca
 
         with CLoRAEngine(unet, [[], [], []], specs, EngineSettings()) as engine:
             moved = x.clone()
-            engine.optimiser.run(moved, DDPMSpace(), lambda z: engine.differentiable_loss(z, row_model), 1, StepRecord(0),
+            engine.optimiser.run(moved, DDPMSpace(), lambda z, images: engine.differentiable_loss(z, row_model, images), 1, StepRecord(0),
                                  engine.settings)
             moves[dtype], scales[dtype] = (moved - x).flatten(), engine.optimiser.loss_scale
     assert scales == {torch.float32: 1.0, torch.float16: LOSS_SCALE_FACTOR}  # one retry, scaled up
