@@ -25,13 +25,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from clora_ext.concepts import Concept
-from clora_ext.engine import EngineSettings, RowLayout, RowModel
+from clora_ext.engine import EngineSettings
 from clora_ext.lora_file import MappedLoRA, map_lora, read_lora_file
 from clora_ext.routing import merged
 from clora_ext.update import Schedule
 from clora_ext.devtools import tiny_sd
 from clora_ext.devtools.loras import write_kohya_lora
-from clora_ext.devtools.pipeline import ConceptLoRA, TinySD, generate
+from clora_ext.devtools.pipeline import ConceptLoRA, InnerModel, TinySD, generate
 
 from .attention import fast_attention
 from .memory import PeakMemory
@@ -78,6 +78,7 @@ class BenchOptions:
     probe: bool = True  # time two plain UNet calls before and after every configuration
     preset: str = "default"
     rounds: int = 3  # interleaved rounds (a b c d, a b c d, ...); ratios are medians of per-round ratios
+    max_rows: int | None = None  # (c), (d): the most UNet rows one call may take (the hosts' row cap)
 
     @property
     def schedule(self) -> Schedule:
@@ -176,7 +177,7 @@ def summed_deltas(loras: Sequence[tuple[float, Mapping[str, Any]]]) -> dict[str,
 
 
 class PassTimer:
-    """Wraps the row model: wall time of forward passes with and without autograd, and of the
+    """Wraps the inner model: wall time of forward passes with and without autograd, and of the
     backward of each gradient pass (from the end of its forward to the moment the gradient
     reaches the pass's input rows; the loss in between is negligible)."""
 
@@ -210,15 +211,15 @@ class PassTimer:
         self.seconds[kind] += seconds
         self.calls[kind] += 1
 
-    def wrap(self, fn: RowModel) -> RowModel:
-        def timed(x_rows: torch.Tensor, layout: RowLayout) -> torch.Tensor:
+    def wrap(self, fn: InnerModel) -> InnerModel:
+        def timed(x_rows: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             grad = torch.is_grad_enabled() and x_rows.requires_grad
             kind = "grad_forward" if grad else "fused"
-            self.rows[kind] += len(layout)
+            self.rows[kind] += x_rows.shape[0]
             self.sync()
             start = time.perf_counter()
             try:
-                return fn(x_rows, layout)
+                return fn(x_rows, sigma, **kwargs)
             finally:
                 self.sync()
                 end = time.perf_counter()
@@ -236,8 +237,6 @@ class PassTimer:
                 else:
                     self.fused_passes.append(end - start)
 
-        if hasattr(fn, "row_groups"):  # keep the row model's call groups
-            timed.row_groups = fn.row_groups  # type: ignore[attr-defined]
         return timed
 
 
@@ -332,7 +331,7 @@ def run_a(opts: BenchOptions, setup: Setup, n: int) -> Measured:
             yield
 
     def body():
-        x, _ = generate(model, prompt_for(n), NEGATIVE, sampler="euler", row_model_wrapper=timer.wrap,
+        x, _ = generate(model, prompt_for(n), NEGATIVE, sampler="euler", inner_wrapper=timer.wrap,
                         on_step=timer.on_step,
                         **_common(opts, n))
         return x, {
@@ -358,8 +357,8 @@ def run_cd(opts: BenchOptions, setup: Setup, n: int, update: bool) -> Measured:
 
     def body():
         x, engine = generate(setup.model, prompt_for(n), NEGATIVE, sampler="euler", concepts=concepts,
-                             settings=settings, allow_update=update, row_model_wrapper=timer.wrap,
-                             on_step=timer.on_step,
+                             settings=settings, allow_update=update, inner_wrapper=timer.wrap,
+                             on_step=timer.on_step, max_rows=opts.max_rows,
                              **_common(opts, n))
         assert engine is not None
         records = engine.records
@@ -472,6 +471,7 @@ def _settings_info(opts: BenchOptions) -> dict[str, Any]:
         # what (d) ran: the shipped engine defaults unless an option above overrides them
         "engine_settings": _json_ready(dataclasses.asdict(_engine_settings(opts))),
         "rounds": opts.rounds,
+        "max_rows": opts.max_rows,
         "attention": "SDPA (instance-patched) for a, c, d; explicit softmax in every layer for b",
         "negative": NEGATIVE,
     }

@@ -14,18 +14,18 @@ from __future__ import annotations
 import ctypes
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 
+from ..concepts import Composition
 from ..conditioning import ConditioningTable
-from ..engine import CLoRAEngine, EngineHooks, LoRAUse
+from ..engine import CLoRAEngine, EngineHooks, EngineSettings, LoRAUse
 from ..records import update_summary
 from ..routing import on_device
 from ..tokens import PromptTokenizer
 from ..update import schedule_notes
 from . import samplers
-from .params import CLoRAArgs
 from .plan import (CLoRARuntimeError, ProxyRows, VariantPlan, fused_step, pick_segment, plan_variants,
                    token_map_schedule)
 from .previews import PreviewStore
@@ -44,6 +44,7 @@ class PassFacts:
     hires_steps: int | None
     width: int
     height: int
+    latent_updates: bool = True  # False: masks and fusion only, whatever the sampler allows
 
 
 class PassPort(Protocol):
@@ -91,8 +92,8 @@ class PassPort(Protocol):
     def interrupted(self) -> bool:
         """Whether the user asked to interrupt or skip."""
 
-    def set_progress_text(self, text: str) -> None:
-        """The progress line the host shows."""
+    def refine_progress(self, iteration: int, iterations: int) -> None:
+        """The latent refinement of the current step reached ``iteration`` of ``iterations``."""
 
     def progress_text_kept(self) -> ContextManager[None]:
         """The host's progress line as it was before the block, after it."""
@@ -103,14 +104,38 @@ class PassPort(Protocol):
     def max_rows(self, cond_rows: int) -> int | None:
         """The most UNet rows one call may take (None: no cap), for ``cond_rows`` cond rows."""
 
+    def console(self, line: str) -> None:
+        """A line for the host's console (what the pass's updates did)."""
+
+
+class PassConcept(Protocol):
+    lora: str
+
+
+class PassArgs(Protocol):
+    """What a pass reads of the generation's CLoRA settings (``webui.params.CLoRAArgs``)."""
+
+    previews: bool
+
+    @property
+    def concepts(self) -> Sequence[PassConcept]: ...
+
+    def composition(self) -> Composition: ...
+
+    def engine_settings(self) -> EngineSettings: ...
+
 
 class PassGeneration(Protocol):
     """What a pass needs of its generation (``webui.pipeline.GenerationState``)."""
 
-    args: CLoRAArgs
+    args: PassArgs
     previews: PreviewStore
 
-    def note(self, message: str) -> None: ...
+    def note(self, message: str) -> None:
+        """What runs differently from the settings (the infotext's notes)."""
+
+    def warn(self, message: str) -> None:
+        """What went wrong in the engine (a non-finite loss, out of memory), said once."""
 
 
 class Pass:
@@ -141,10 +166,10 @@ class Pass:
         self.images = len(facts.prompts)
         self.rows = ProxyRows(self.images, self.plan.n_variants)
         self.sampler = samplers.support(port.sampler_function())
-        self.updates = not self.hires and self.sampler.updates
+        self.updates = facts.latent_updates and not self.hires and self.sampler.updates
         if self.hires:
             generation.note("hires pass: masks and routing only, no latent updates")
-        elif not self.updates:
+        elif facts.latent_updates and not self.sampler.updates:
             generation.note(f"sampler {facts.sampler_name!r} {self.sampler.reason}: masks and fusion only, no latent updates")
         self._noted_schedule = False
         unet = port.attach()
@@ -153,7 +178,7 @@ class Pass:
         deltas = {name: on_device(lora.unet, param.device, param.dtype) for name, lora in self.loras.items()}
         variant_loras = [[LoRAUse(name, deltas[name], weight) for name, weight in lora_set]
                          for lora_set in self.plan.unet_loras]
-        hooks = EngineHooks(on_refine=self._on_refine, interrupted=port.interrupted, warn=generation.note)
+        hooks = EngineHooks(on_refine=self._on_refine, interrupted=port.interrupted, warn=generation.warn)
         self.engine = CLoRAEngine(unet, variant_loras, self.token_maps[0][0][1], args.engine_settings(), hooks,
                                   functional_gradient=port.functional_gradient,
                                   max_rows=port.max_rows(self.images * self.plan.n_variants)).open()
@@ -166,7 +191,7 @@ class Pass:
             self.port.raise_interrupted()
 
     def _on_refine(self, i: int, n: int) -> None:
-        self.port.set_progress_text(f"CLoRA refine {i}/{n}")
+        self.port.refine_progress(i, n)
 
     def note_schedule(self, total_steps: int) -> None:
         """The schedule's notes (once per pass, where updates run), for a pass of ``total_steps`` steps."""
@@ -216,9 +241,10 @@ class Pass:
         records = self.engine.records
         updated = sum(1 for r in records if r.iterations)
         if updated:  # did the updates lower the contrastive loss? per image, before and after at the same step
-            print(f"CLoRA: {len(records)} model steps, {sum(r.iterations for r in records)} latent updates in {updated} steps")
+            self.port.console(f"{len(records)} model steps, {sum(r.iterations for r in records)} latent updates "
+                              f"in {updated} steps")
             for line in update_summary(records):
-                print(f"CLoRA: {line}")
+                self.port.console(line)
         # the engine's hooks point back at this pass: break the cycle so that this pass's device
         # copies of the LoRAs are freed now, not at the next full garbage collection
         self.engine = None

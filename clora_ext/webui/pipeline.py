@@ -188,6 +188,8 @@ class GenerationState:
         print(f"CLoRA: {message}")
         host.set_generation_param(self.p, infotext.KEY, infotext.dump(self.args, self.notes))
 
+    warn = note  # the engine's warnings are notes too: in the console and in the infotext
+
     def close_pass(self) -> None:
         if self._pass is not None:
             self._pass.close()
@@ -211,8 +213,8 @@ class WebUIPort:
     def interrupted(self) -> bool:
         return host.interrupted()
 
-    def set_progress_text(self, text: str) -> None:
-        host.set_progress_text(text)
+    def refine_progress(self, iteration: int, iterations: int) -> None:
+        host.set_progress_text(f"CLoRA refine {iteration}/{iterations}")
 
     def progress_text_kept(self) -> ContextManager[None]:
         return host.progress_text_kept()
@@ -222,3 +224,6 @@ class WebUIPort:
 
     def max_rows(self, cond_rows: int) -> int | None:
         return row_cap(cond_rows)
+
+    def console(self, line: str) -> None:
+        print(f"CLoRA: {line}")

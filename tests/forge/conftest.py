@@ -35,6 +35,13 @@ for folder in (TESTS, FAKE):
     if folder not in sys.path:
         sys.path.insert(0, folder)
 
+_loaded = sys.modules.get("modules")
+if _loaded is not None and not (getattr(_loaded, "__file__", None) or "").startswith(FAKE + os.sep):
+    # another tier's fake host is in this process already: both ship a ``modules`` package
+    raise pytest.UsageError(
+        "tests/host and tests/forge cannot share a process (each fake host ships its own ``modules``): "
+        "run `pytest tests` (it runs tests/forge in a process of its own), or each folder alone")
+
 from modules import prompt_parser, shared  # noqa: E402  (the fake Neo's)
 
 import modules_forge.forge_version as forge_version  # noqa: E402

@@ -18,6 +18,13 @@ FAKE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_a1111")
 if FAKE not in sys.path:
     sys.path.insert(0, FAKE)
 
+_loaded = sys.modules.get("modules")
+if _loaded is not None and not (getattr(_loaded, "__file__", None) or "").startswith(FAKE + os.sep):
+    # another tier's fake host is in this process already: both ship a ``modules`` package
+    raise pytest.UsageError(
+        "tests/host and tests/forge cannot share a process (each fake host ships its own ``modules``): "
+        "run `pytest tests` (it runs tests/forge in a process of its own), or each folder alone")
+
 from modules import shared  # noqa: E402  (the fake host's)
 
 import networks  # noqa: E402
