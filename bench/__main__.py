@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from .geometry import format_per_pass, run_per_pass
 from .run import BenchOptions, format_table, paper_options, quick_options, run_benchmark
 
 
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--b-max-loras", type=int, help="skip (b) above this LoRA count (default 2)")
     p.add_argument("--refine-iterations", type=int, help="refine count (default: the shipped 5; the paper: 20)")
     p.add_argument("--rounds", type=int, help="interleaved rounds of all configurations (default 3)")
+    p.add_argument("--max-rows", type=int, help="(c), (d): the most UNet rows one call may take (default: no cap)")
     p.add_argument("--refine-tolerance", type=_tolerance, default=argparse.SUPPRESS,
                    help="(d) early-stop tolerance; 'none' = the paper's fixed count (the default)")
     p.add_argument("--rank", type=int, help="LoRA rank (default 16; --quick 4)")
@@ -43,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     p.add_argument("--threads", type=int, help="torch threads (default 1; 0 = leave torch's default)")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--no-probe", action="store_true", help="skip the speed probes around each configuration")
+    p.add_argument("--per-pass", action="store_true",
+                   help="CPU only: ratios from per-pass costs and the schedule's pass counts (bench.geometry), "
+                        "for geometries whose whole generations take hours on a CPU (--latent 64)")
+    p.add_argument("--check-steps", type=int, default=4,
+                   help="--per-pass: steps of the whole generation of (a) and (d) that checks the estimate (0: none)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON, keyed by LoRA count")
     args = p.parse_args(argv)
 
@@ -58,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
         "b_max_loras": args.b_max_loras,
         "refine_iterations": args.refine_iterations,
         "rounds": args.rounds,
+        "max_rows": args.max_rows,
         "rank": args.rank,
         "seed": args.seed,
         "cfg_scale": args.cfg_scale,
@@ -73,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> BenchOptions:
     if opts.threads == 0:
         opts = dataclasses.replace(opts, threads=None)
     opts.json_path = args.json  # type: ignore[attr-defined]
+    opts.per_pass = args.per_pass  # type: ignore[attr-defined]
+    opts.check_steps = args.check_steps  # type: ignore[attr-defined]
     return opts
 
 
@@ -84,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f} s] {message}", file=sys.stderr, flush=True)
 
-    results = run_benchmark(opts, log)
-    print(format_table(results))
+    if getattr(opts, "per_pass", False):
+        results = run_per_pass(opts, log, check_steps=opts.check_steps)  # type: ignore[attr-defined]
+        print(format_per_pass(results))
+    else:
+        results = run_benchmark(opts, log)
+        print(format_table(results))
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:

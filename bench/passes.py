@@ -40,7 +40,7 @@ import torch
 
 from clora_ext.attention import CaptureRequest, map_size
 from clora_ext.engine import CLoRAEngine, EngineSettings, RowLayout, gradient_ready
-from clora_ext.devtools.pipeline import UNetRows, prepare_clora
+from clora_ext.devtools.pipeline import UNetRows, VariantConds, prepare_clora
 
 from clora_ext.loss import contrastive_loss
 from clora_ext.routing import Route, RowRouter
@@ -73,6 +73,26 @@ def _round_robin(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str,
         }
         for k in fns
     }
+
+
+def reference_pass(unet: torch.nn.Module, conds: VariantConds, unet_loras: list, token_maps: list, x: torch.Tensor,
+                   t: torch.Tensor, hw: tuple[int, int]) -> Callable[[bool], None]:
+    """One round of configuration (b) at latent ``x``: its K+1 sequential batch-2 calls with explicit
+    attention and a graph, then (``backward``) the gradient of the contrastive loss."""
+    recorder = MapRecorder(map_size(hw)[0] * map_size(hw)[1])
+    router = RowRouter(unet)
+    routes = [[Route(u.deltas, [0, 1], u.multiplier, u.name) for u in uses] for uses in unet_loras]
+    contexts = [torch.stack([conds.cond[v], conds.uncond[v]]) for v in range(len(unet_loras))]
+    labels = torch.tensor([s.concept for s in token_maps])
+
+    def reference(backward: bool) -> None:
+        with explicit_attention(unet, recorder), gradient_ready(unet), torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            _, maps = reference_forward(unet, recorder, router, routes, contexts, leaf, t, 0.1, token_maps, map_size(hw))
+            if backward:
+                torch.autograd.grad(contrastive_loss(maps, labels), leaf)
+
+    return reference
 
 
 def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, object]:
@@ -150,19 +170,7 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
             with engine.router.routed(engine._routes(all_rows), len(all_rows)):
                 pass
 
-        recorder = MapRecorder(map_size(hw)[0] * map_size(hw)[1])
-        ref_router = RowRouter(unet)
-        ref_routes = [[Route(u.deltas, [0, 1], u.multiplier, u.name) for u in uses] for uses in unet_loras]
-        ref_contexts = [torch.stack([conds.cond[v], conds.uncond[v]]) for v in range(V)]
-        labels = torch.tensor([s.concept for s in token_maps])
-
-        def reference(backward: bool) -> None:
-            with explicit_attention(unet, recorder), gradient_ready(unet), torch.enable_grad():
-                leaf = x.detach().requires_grad_(True)
-                _, maps = reference_forward(unet, recorder, ref_router, ref_routes, ref_contexts, leaf, t, 0.1,
-                                            token_maps, map_size(hw))
-                if backward:
-                    torch.autograd.grad(contrastive_loss(maps, labels), leaf)
+        reference = reference_pass(unet, conds, unet_loras, token_maps, x, t, hw)
 
         out.update(
             _round_robin(

@@ -406,13 +406,15 @@ class CLoRAEngine:
 
             two = self.settings.update_keeps_means and self.settings.keeps_means_others_only
 
-            def losses_at(z: torch.Tensor) -> torch.Tensor:
-                _, maps = self._run(model, z.index_select(0, layout.image), model_layout, request, calls)
+            def losses_of(maps: torch.Tensor) -> torch.Tensor:
                 maps = maps.reshape(images, len(self._token_maps), *request.map_hw)
                 if not two:
                     return self._image_losses(maps)
                 # the same losses twice: through every map, then through the own-variant maps alone
                 return torch.cat([self._image_losses(maps), self._image_losses(maps, LossGradient.OWN)])
+
+            def losses_at(z: torch.Tensor) -> torch.Tensor:
+                return losses_of(self._run(model, z.index_select(0, layout.image), model_layout, request, calls)[1])
 
             def paths(raw: Backward, losses: torch.Tensor) -> tuple[torch.Tensor, Backward]:
                 if not two:
@@ -422,6 +424,11 @@ class CLoRAEngine:
                     lambda weights, retain: raw(torch.cat([weights.to(losses.dtype), zero]), retain),
                     lambda weights, retain: raw(torch.cat([zero, weights.to(losses.dtype)]), retain))
 
+            if self.max_rows is not None and len(calls) > 1:
+                # rows capped: one call's graph at a time (the maps of every call first, without a graph)
+                losses, raw = self._recomputed_gradient(model, x, layout, model_layout, request, losses_of)
+                yield paths(raw, losses)
+                return
             if self.functional_gradient:
                 losses, vjp = torch.func.vjp(torch.func.functionalize(losses_at), x.clone())
                 yield paths(lambda weights, retain: vjp(weights.to(losses.dtype))[0], losses)
@@ -435,6 +442,44 @@ class CLoRAEngine:
                     return grad
 
                 yield paths(backward, losses)
+
+    def _recomputed_gradient(self, model: RowModel, x: torch.Tensor, layout: RowLayout, model_layout: RowLayout,
+                             request: CaptureRequest, losses_of: Callable[[torch.Tensor], torch.Tensor],
+                             ) -> tuple[torch.Tensor, Backward]:
+        """The gradient pass with at most one call's graph alive: the memory of ``max_rows`` rows.
+
+        The maps of every call are taken first without a graph, and the loss's gradient with
+        respect to them; each backward then runs every call again with its graph and sends that
+        call's share of the map gradient back to the latent (the sum over calls is the whole
+        gradient: each map depends on its own call's rows only). It costs one forward of every
+        call more than the pass that keeps every graph, which is what a row cap is for.
+        """
+        with torch.no_grad():
+            maps = self._run(model, x.index_select(0, layout.image), model_layout, request)[1]
+        losses, map_vjp = torch.func.vjp(losses_of, maps)
+
+        def backward(weights: torch.Tensor, retain: bool) -> torch.Tensor:
+            (map_grad,) = map_vjp(weights.to(losses.dtype))
+            grad = torch.zeros_like(x)
+            for call in self._calls(model, model_layout, request):  # planned again: a halving may have cut them
+                if call.request is None:
+                    continue
+                share = map_grad.index_select(0, call.picked.to(map_grad.device))
+
+                def call_maps(z: torch.Tensor, call: _Call = call) -> torch.Tensor:
+                    return self._run_call(model, z.index_select(0, layout.image), call)[1]
+
+                if self.functional_gradient:
+                    _, vjp = torch.func.vjp(torch.func.functionalize(call_maps), x.clone())
+                    (part,) = vjp(share)
+                else:
+                    with torch.enable_grad():
+                        leaf = x.detach().requires_grad_(True)
+                        (part,) = torch.autograd.grad(call_maps(leaf), leaf, grad_outputs=share)
+                grad = grad + part
+            return grad
+
+        return losses.detach(), backward
 
     @contextlib.contextmanager
     def _deltas_built(self) -> Iterator[None]:

@@ -76,9 +76,9 @@ class LatentOptimiser:
     def run(self, x: torch.Tensor, space: LatentSpace, loss_at: LossAt, iterations: int, record: StepRecord,
             settings: UpdateSettings, region: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> None:
         """Update ``x`` in place over ``iterations`` gradient steps; every image of the batch refines, stops
-        and takes back on its own loss. ``loss_at(z, images)``: the losses at ``z`` (the latents of ``x``'s images ``images``) and their backward
-        (``CLoRAEngine.differentiable_loss``); ``region``: where the update may act (the inpaint mask);
-        ``masks``: the previous step's masks of these images (``keeps_means``' regions)."""
+        and takes back on its own loss. ``loss_at(z, images)``: the losses at ``z`` (the latents of ``x``'s
+        images ``images``) and their backward (``CLoRAEngine.differentiable_loss``); ``region``: where the
+        update may act (the inpaint mask); ``masks``: the previous step's masks of these images (``keeps_means``' regions)."""
         tolerance = settings.refine_tolerance
         active = torch.arange(x.shape[0], device=x.device)
         previous_loss: dict[int, float] = {}

@@ -83,3 +83,29 @@ def test_attention_swaps_are_per_instance_and_restored(tiny_unet):
     assert {type(m): type(m).forward for m in modules.values()} == cls_forward
     close(fast, base, 1e-4)
     close(eager, base, 1e-4)
+
+
+def test_per_pass_estimate_composes_the_schedule_and_checks_itself():
+    from bench.geometry import compose, format_per_pass, pass_counts, run_per_pass
+    from clora_ext.engine import EngineSettings
+
+    schedule = EngineSettings().schedule
+    # the shipped schedule at 20 steps: 10 updating steps, refinement of 5 at steps 0, 4 and 8
+    assert pass_counts(schedule, 20) == {"steps": 20, "gradient_passes": 25, "updating_steps": 10}
+    costs = {"plain2": 1.0, "fused": 3.0, "grad": 2.0, "reference_forward": 4.0, "reference_round": 10.0}
+    assert compose(costs, pass_counts(schedule, 20)) == {"a": 20.0, "c": 60.0, "d": 110.0, "b": 10 * 4.0 + 25 * 10.0}
+
+    opts = quick_options(steps=20, loras=(2,), configs="abcd", latent=8, warmup=False, rounds=2, refine_iterations=1)
+    results = run_per_pass(opts, log=lambda message: None, check_steps=2)
+    entry = json.loads(json.dumps(results))["2"]
+    assert entry["method"] == "per_pass" and entry["counts"] == pass_counts(opts.schedule, 20)
+    for key in ("d_over_a_median", "d_over_c_median", "b_over_d_median", "c_over_a_median", "mem_over_start_d_over_a"):
+        assert _positive(entry[key]), (key, entry[key])
+    rounds = [compose(walls, entry["counts"]) for walls in entry["pass_seconds_per_round"]]
+    assert len(rounds) == 2
+    d_a = [r["d"] / r["a"] for r in rounds]
+    assert min(d_a) - 1e-9 <= entry["d_over_a_median"] <= max(d_a) + 1e-9
+    check = entry["check"]  # a whole generation of 2 steps, against the per-pass prediction
+    assert check["steps"] == 2 and check["gradient_passes"] == pass_counts(opts.schedule, 2)["gradient_passes"]
+    assert _positive(check["d_measured_s"]) and _positive(check["d_predicted_s"])
+    assert "| 2 | 8 |" in format_per_pass(results)

@@ -200,3 +200,39 @@ def test_functional_gradient_through_the_glue_equals_autograd(tiny_unet, clip_bp
     assert not torch.equal(results[True][0], x0)
     close(results[True][0], results[False][0], 1e-4)
     close(results[True][1], results[False][1], 1e-4)
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["autograd", "functional"])
+def test_a_row_cap_keeps_one_calls_graph_at_a_time_with_the_same_update(tiny_unet, clip_bpe, functional):
+    """With a row cap the gradient pass takes every call's maps without a graph first, then runs the calls
+    again one by one with their graph for the backward: never more than the cap's rows hold a graph, and
+    the latent update is the one the uncapped pass makes (refinement included: several backwards)."""
+    settings = EngineSettings(schedule=Schedule(refine_iterations=2), refine_tolerance=None)
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(8)) * 14.6
+    sigma = torch.tensor([14.6, 14.6])
+    seen: list[tuple[int, bool]] = []
+
+    class Recording(HostLikeDenoiser):
+        def forward(self, x, sigma, cond):
+            seen.append((x.shape[0], x.requires_grad or torch.is_grad_enabled()))
+            return super().forward(x, sigma, cond)
+
+    results = {}
+    for max_rows in (None, 2):
+        engine, table, maps = _setup(tiny_unet, clip_bpe, False, [0, 1], settings=settings)
+        engine.functional_gradient = functional
+        engine.max_rows = max_rows
+        x, seen[:] = x0.clone(), []
+        with engine:
+            fused = fused_step(engine, Recording(tiny_unet, False), ProxyRows(2, 3), x, sigma, torch.zeros(2, 5, 1, 1),
+                               table, maps, step=0, total=10, k_diffusion=True, allow_update=True)
+        results[max_rows] = (x, fused, list(seen))
+    assert not torch.equal(results[2][0], x0)
+    close(results[2][0], results[None][0], 1e-4)
+    close(results[2][1], results[None][1], 1e-4)
+    capped = results[2][2]
+    assert max(rows for rows, _ in capped) <= 2
+    if not functional:  # (under torch.func the forward carries no autograd graph to see)
+        # 3 gradient passes of 6 cond rows: each 3 calls without a graph, then the same 3 with one
+        graph = [g for rows, g in capped[:-6]]
+        assert graph == 3 * ([False] * 3 + [True] * 3)
