@@ -115,6 +115,8 @@ def method_settings(method: str) -> tuple[str, EngineSettings]:
         "clora_keeps_means_others": ("clora", dataclasses.replace(EngineSettings(), update_keeps_means=True,
                                                                   keeps_means_others_only=True)),
         "clora_own_gradient": ("clora", dataclasses.replace(EngineSettings(), loss_gradient=LossGradient.OWN)),
+        # 0.6.0's update at any number of subjects (the defaults before keeps_means_from)
+        "clora_keeps_means_never": ("clora", dataclasses.replace(EngineSettings(), keeps_means_from=0)),
         "clora_soft_edges_late": ("clora", dataclasses.replace(EngineSettings(), soft_edges_from=0.5)),
         "clora_masks_subject_contour": ("clora", dataclasses.replace(EngineSettings(), mask_tokens=MaskTokens.SUBJECT,
                                                                      mask_upsampling=MaskUpsampling.CONTOUR)),
@@ -152,10 +154,13 @@ TWO_RELATIONS = (["left of"], ["next to"], ["below"], ["above"], ["right of"], [
 THREE_RELATIONS = (["left of", None], [None, "above"], ["next to", None])
 
 
-def suites(quick: bool, seed_offset: int = 0, world: World = DEFAULT) -> dict[str, list[tuple[Task, int]]]:
+def suites(quick: bool, seed_offset: int = 0, world: World = DEFAULT,
+           other_orders: bool = False) -> dict[str, list[tuple[Task, int]]]:
     """(task, seed) pairs per suite. Full: 72 / 36 / 32 images per method and suite over both samplers.
     ``seed_offset``: seeds from there on instead of 0 (settings chosen on seeds 0-5 are reported on others).
-    ``world``: its LoRAs; in a world of relation captions the two- and three-LoRA prompts name relations."""
+    ``world``: its LoRAs; in a world of relation captions the two- and three-LoRA prompts name relations.
+    ``other_orders``: the three-LoRA suite in the three word orders it leaves out otherwise (prompts that chose
+    nothing, for a held-out report; the two-LoRA suite already has all six)."""
     by_shape, style_lora = world.by_shape, world.style.name
     relational = world.caption_style is CaptionStyle.RELATIONS
     pairs = [("circle", "square"), ("circle", "triangle"), ("square", "triangle")]
@@ -163,7 +168,8 @@ def suites(quick: bool, seed_offset: int = 0, world: World = DEFAULT) -> dict[st
     two = [Task(_prompt(order, TWO_RELATIONS[k] if relational else None), tuple(by_shape[s].name for s in order))
            for k, order in enumerate(orders)]
     three = [Task(_prompt(order, THREE_RELATIONS[k] if relational else None), tuple(by_shape[s].name for s in order))
-             for k, order in enumerate(list(permutations(("circle", "square", "triangle")))[:3])]
+             for k, order in enumerate(list(permutations(("circle", "square", "triangle")))[3:] if other_orders
+                                       else list(permutations(("circle", "square", "triangle")))[:3])]
     # the two-LoRA orders again, the first pair member's phrase with a colour word: first-named in one order,
     # second-named in the other
     attribute = []
@@ -241,7 +247,7 @@ def paired(differences: list[float], clusters: list[int] | None = None) -> dict:
 
 def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: tuple[str, ...] = SAMPLERS,
             steps: int = 20, shard: tuple[int, int] = (1, 1), only: tuple[str, ...] = (),
-            log=print, seed_offset: int = 0, world: World = DEFAULT) -> dict[str, list[Scored]]:
+            log=print, seed_offset: int = 0, world: World = DEFAULT, other_orders: bool = False) -> dict[str, list[Scored]]:
     """Render and judge every (suite, task, seed) item of ``shard`` = (i, n): items i-1, i-1+n, ...,
     with ``world``'s model, LoRAs and prompts.
 
@@ -251,7 +257,7 @@ def collect(quick: bool = False, methods: tuple[str, ...] = METHODS, samplers: t
     """
     torch.set_flush_denormal(True)
     model = load_model(world=world)
-    items = [(suite, task, seed) for suite, pairs in suites(quick, seed_offset, world).items() for task, seed in pairs]
+    items = [(suite, task, seed) for suite, pairs in suites(quick, seed_offset, world, other_orders).items() for task, seed in pairs]
     scored: dict[str, list[Scored]] = {m: [] for m in methods}
     for k, (suite, task, seed) in enumerate(items):
         if k % shard[1] != shard[0] - 1 or (only and suite not in only):
@@ -413,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="seeds from here on (default 0: the seeds the defaults were chosen on)")
     parser.add_argument("--suites", nargs="+", choices=("two", "three", "style", "attribute"), default=[],
                         help="only these suites (default: all)")
+    parser.add_argument("--other-orders", action="store_true",
+                        help="the three-LoRA suite in its three other word orders (prompts that chose nothing)")
     parser.add_argument("--shard", default="1/1", help="i/n: render every n-th item from the i-th (with --save)")
     parser.add_argument("--save", help="pickle the judged pictures here (to --merge shards later)")
     parser.add_argument("--merge", nargs="+", metavar="PICKLE", help="report on saved shards instead of rendering")
@@ -427,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         shard = tuple(int(v) for v in args.shard.split("/"))
         scored = collect(args.quick, tuple(args.methods), tuple(args.samplers), args.steps, shard, tuple(args.suites),
-                         seed_offset=args.seed_offset, world=get_world(args.world))
+                         seed_offset=args.seed_offset, world=get_world(args.world), other_orders=args.other_orders)
         if args.save:
             with open(args.save, "wb") as f:
                 pickle.dump(scored, f)

@@ -174,6 +174,11 @@ class EngineSettings:
     # with update_keeps_means: only the gradient through the other variants' maps (the base prompt's, the
     # other LoRAs') loses its regional means; the path through each subject's own-variant maps stays whole
     keeps_means_others_only: bool = False
+    # from this many content subjects on, the update runs as update_keeps_means with keeps_means_others_only
+    # (unless update_keeps_means is set otherwise); 0: never, the paper's update. 3 since 0.7.0: chosen on seeds
+    # 0-5 (three LoRAs +0.11 and +0.22 in the two worlds, two LoRAs -0.17 and -0.06), held out on seeds 100-105 and
+    # on the three word orders that chose nothing (docs/quality.md)
+    keeps_means_from: int = 3
     # from this fraction of the steps on, the masks grow with soft (bilinear) edges whatever mask_upsampling
     # says: the layout is settled by then and a hard seam only leaves texture behind; 1: never (the paper's)
     soft_edges_from: float = 1.0
@@ -340,6 +345,15 @@ class CLoRAEngine:
         self._n_concepts = len(set(self._labels.tolist()))
         self._loss_keep = loss_maps(specs, self.settings.loss_tokens)  # once per map layout, not per pass
 
+    @property
+    def update_settings(self) -> EngineSettings:
+        """The settings the latent update runs with: ``keeps_means_from`` content subjects or more turn on
+        ``update_keeps_means`` with ``keeps_means_others_only`` (where ``update_keeps_means`` is not set)."""
+        s = self.settings
+        if s.keeps_means_from and self._n_concepts >= s.keeps_means_from and not s.update_keeps_means:
+            return dataclasses.replace(s, update_keeps_means=True, keeps_means_others_only=True)
+        return s
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -373,7 +387,7 @@ class CLoRAEngine:
         iterations = self.settings.schedule.iterations_at(step, total_steps)
         if allow_update and self.optimiser.enabled and self._n_concepts >= 2 and iterations:
             self.optimiser.run(x, space, lambda z, images: self.differentiable_loss(z, model, images), iterations, record,
-                               self.settings, update_region, self._last_masks.get(group))
+                               self.update_settings, update_region, self._last_masks.get(group))
         self.last_output = self._fused_pass(x, step, total_steps, model, record, group)
         return self.last_output
 
@@ -404,7 +418,8 @@ class CLoRAEngine:
             # transform, tensors made there cannot be read back as Python values
             calls = self._calls(model, model_layout, request)
 
-            two = self.settings.update_keeps_means and self.settings.keeps_means_others_only
+            settings = self.update_settings
+            two = settings.update_keeps_means and settings.keeps_means_others_only
 
             def losses_of(maps: torch.Tensor) -> torch.Tensor:
                 maps = maps.reshape(images, len(self._token_maps), *request.map_hw)

@@ -16,6 +16,7 @@
         "clora-mask_threshold": "A map pixel belongs to the mask when it reaches this fraction of the map's peak.",
         "clora-mask_start": "Fraction of the steps before masks are used; until then variants are averaged.",
         "clora-soft_edges_from": "From this fraction of the steps on, the masks get soft edges, which clean the grain hard seams leave (1: never).",
+        "clora-keeps_means_from": "With this many content LoRAs or more, the latent update leaves each subject region's mean colour alone on its path through the other prompts' maps (0: never, the paper's update).",
         "clora-previews": "Append the attention maps and masks of each image to the gallery.",
     };
     onUiLoaded(function () {

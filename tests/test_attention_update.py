@@ -667,3 +667,34 @@ def test_keeps_means_others_only_removes_the_means_of_the_other_variants_path_al
     whole_kept = x0.clone()
     apply_update(whole_kept, whole - whole.mean(dim=(-2, -1), keepdim=True), 20.0, SigmaSpace(sigma))
     assert differs(x, whole_kept, 1e-4)  # not the plain keeps_means (the own path keeps its small mean)
+
+
+def test_keeps_means_from_three_subjects_turns_on_keeps_means_others_only(tiny_unet):
+    """``keeps_means_from`` (3 by default): with three content subjects the update is the one of
+    ``update_keeps_means`` with ``keeps_means_others_only``; 0 keeps the paper's update; two subjects keep it
+    too; an explicit ``update_keeps_means`` is left as set."""
+    gen = torch.Generator().manual_seed(16)
+    ctx = torch.randn(4, 77, 32, generator=gen)
+    sigma = SigmaSpace(torch.tensor([2.0]))
+    schedule = Schedule(refine_iterations=1)
+
+    def row_model(x_rows, layout: RowLayout):
+        return tiny_unet(x_rows * 0.45, torch.full((len(layout),), 600.0), context=ctx[layout.variant])
+
+    def stepped(subjects: int, **settings) -> torch.Tensor:
+        specs = [TokenMapSpec(v, p, c, v == c + 1) for v in range(subjects + 1)
+                 for p, c in zip((2, 5, 8)[:subjects], range(subjects))]
+        x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3)) * 2.0
+        with CLoRAEngine(tiny_unet, [[]] * (subjects + 1), specs, EngineSettings(schedule=schedule, **settings)) as engine:
+            engine.step(x, 0, 10, sigma, row_model)
+            engine.step(x, 1, 10, sigma, row_model)  # the second step has the first one's masks as regions
+            assert engine.records[0].iterations == 2
+        return x
+
+    three_default = stepped(3)
+    close(three_default, stepped(3, update_keeps_means=True, keeps_means_others_only=True), 1e-6)
+    paper = stepped(3, keeps_means_from=0)
+    assert differs(three_default, paper, 1e-4)
+    close(stepped(3, keeps_means_from=4), paper, 1e-6)
+    close(stepped(3, update_keeps_means=True), stepped(3, update_keeps_means=True, keeps_means_from=0), 1e-6)
+    close(stepped(2), stepped(2, keeps_means_from=0), 1e-6)

@@ -76,3 +76,10 @@ def test_entries_of_older_versions_keep_the_defaults_they_were_made_with():
     assert current.refine_iterations == 5 and current.mask_tokens.value == "subject"
     before_05 = infotext.load(json.dumps({"version": "0.4.0", "concepts": concepts}))
     assert before_05.mask_tokens.value == "paper" and before_05.refine_iterations == 5  # 0.4.0 masked by the paper's rule
+
+
+def test_entries_before_0_7_keep_the_update_they_were_made_with():
+    concepts = ARGS["concepts"][:1]
+    before_07 = infotext.load(json.dumps({"version": "0.6.0", "concepts": concepts}))
+    assert before_07.keeps_means_from == 0 and before_07.engine_settings().keeps_means_from == 0
+    assert infotext.load(json.dumps({"version": VERSION, "concepts": concepts})).keeps_means_from == 3

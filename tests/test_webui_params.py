@@ -76,14 +76,15 @@ def test_settings_defaults_fill_what_the_request_leaves_out():
 def test_positional_round_trip_and_length():
     a = parse_args(
         [{**TWO, "step_size": 10, "morphology": "open", "refine_at": [0.1], "previews": True, "mask_start": 0.25,
-          "mask_tokens": "base", "mask_upsampling": "bilinear", "soft_edges_from": 0.75}]
+          "mask_tokens": "base", "mask_upsampling": "bilinear", "soft_edges_from": 0.75, "keeps_means_from": 0}]
     )
     assert a.engine_settings().mask_tokens is MaskTokens.BASE
     assert a.engine_settings().mask_upsampling is MaskUpsampling.BILINEAR
     assert a.engine_settings().soft_edges_from == 0.75
+    assert a.engine_settings().keeps_means_from == 0
     values = to_positional(a)
-    assert len(values) == POSITIONAL_LENGTH == 1 + 8 * 6 + 12
-    assert values[-3:] == ["base", "bilinear", 0.75]
+    assert len(values) == POSITIONAL_LENGTH == 1 + 8 * 6 + 13
+    assert values[-4:] == ["base", "bilinear", 0.75, 0]
     assert values[:7] == [True, "cat", "cat_lora", 1.0, 1.0, "sks", "content"]
     assert values[7 + 6 * 6 + 1] == NO_LORA  # an empty row
     assert parse_args(values) == a
@@ -94,6 +95,13 @@ def test_positional_list_from_before_mask_tokens_still_parses():
     a = parse_args([{**TWO, "morphology": "close", "previews": True}])
     old = to_positional(a)[:58]
     assert parse_args(old) == a and parse_args(old, defaults={"mask_tokens": "base"}).mask_tokens is MaskTokens.BASE
+
+
+def test_positional_list_of_0_6_still_parses():
+    # clients that send the 61 values of version 0.6 (no keeps_means_from) get the current default
+    a = parse_args([{**TWO, "soft_edges_from": 0.5}])
+    old = to_positional(a)[:61]
+    assert parse_args(old) == a and a.keeps_means_from == 3
 
 
 def test_short_positional_list_keeps_defaults():

@@ -17,7 +17,7 @@ _META = ("version", "notes")
 # defaults that changed: (the first version with the new default, the old defaults); an entry
 # written before that version left the old default out, so it is put back when read
 CHANGED_DEFAULTS = (("0.2.0", {"refine_tolerance": 0.01}), ("0.4.0", {"refine_iterations": 20}),
-                    ("0.5.0", {"mask_tokens": "paper"}))
+                    ("0.5.0", {"mask_tokens": "paper"}), ("0.7.0", {"keeps_means_from": 0}))
 
 
 def _version(text: Any) -> tuple[int, ...]:

@@ -106,6 +106,12 @@ class CLoRAArgs(_Strict):
         description="from this fraction of the steps on, the masks get soft edges, which clean the grain that hard "
         "seams leave; 1: never (the paper's)",
     )
+    keeps_means_from: int = Field(
+        _ENGINE.keeps_means_from, title="Keep region colours from this many subjects", ge=0, le=MAX_CONCEPTS,
+        description="with this many content LoRAs or more, the latent update leaves each subject region's mean "
+        "colour alone on its path through the other prompts' maps (three LoRAs composed better so); 0: never "
+        "(the paper's update)",
+    )
 
     @validator("refine_at", pre=True)
     def _parse_fractions(cls, v: Any) -> Any:
@@ -152,6 +158,7 @@ class CLoRAArgs(_Strict):
             mask_tokens=self.mask_tokens,
             mask_upsampling=self.mask_upsampling,
             soft_edges_from=self.soft_edges_from,
+            keeps_means_from=self.keeps_means_from,
         )
 
     def non_default(self) -> dict:
@@ -202,6 +209,7 @@ SETTING_FIELDS = (
     "mask_tokens",
     "mask_upsampling",
     "soft_edges_from",  # since 0.6.0
+    "keeps_means_from",  # since 0.7.0
 )
 POSITIONAL_LENGTH = 1 + MAX_CONCEPTS * len(ROW_FIELDS) + len(SETTING_FIELDS)
 

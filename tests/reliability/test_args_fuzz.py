@@ -72,6 +72,7 @@ named = st.fixed_dictionaries(
         "mask_tokens": st.one_of(st.sampled_from(["paper", "subject", "base", "base_subject"]), junk),
         "mask_upsampling": st.one_of(st.sampled_from(["nearest", "bilinear", "contour"]), junk),
         "soft_edges_from": numbers,
+        "keeps_means_from": numbers,
         "not_a_field": junk,
     },
 )
