@@ -36,12 +36,11 @@ import torch
 
 from clora_ext.engine import CLoRAEngine, EngineSettings
 from clora_ext.records import StepRecord
-from clora_ext.devtools.pipeline import UNetRows, prepare_clora
 
 from .attention import fast_attention
 from .memory import PeakMemory
-from .passes import reference_pass
-from .run import NEGATIVE, BenchOptions, Measured, build_setup, machine_info, prompt_for, run_a, run_cd
+from .passes import pass_inputs, reference_pass
+from .run import BenchOptions, Measured, build_setup, machine_info, prompt_for, run_a, run_cd
 
 MiB = 2**20
 
@@ -70,12 +69,9 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 def measure_passes(opts: BenchOptions, setup: Any, n: int, rounds: int, with_reference: bool,
                    log: Callable[[str], None]) -> tuple[list[dict[str, float]], dict[str, float]]:
     """Per-round wall seconds of every pass kind, and the peak memory above start (MiB) of one of each."""
-    model, unet = setup.model, setup.model.unet
-    conds, unet_loras, token_maps = prepare_clora(model, prompt_for(n), NEGATIVE, setup.concepts(n))
+    unet = setup.model.unet
+    conds, unet_loras, token_maps, x, t, row_model = pass_inputs(setup, n, opts.latent)
     hw = (opts.latent, opts.latent)
-    x = torch.randn(1, 4, *hw, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([500.0])
-    row_model = UNetRows(unet, conds, t, 0.1)
     with fast_attention(unet), CLoRAEngine(unet, unet_loras, token_maps, EngineSettings()) as engine:
         context2 = torch.stack([conds.cond[0], conds.uncond[0]])
 

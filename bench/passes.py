@@ -34,7 +34,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -75,6 +75,15 @@ def _round_robin(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str,
     }
 
 
+def pass_inputs(setup: Any, n: int, latent: int) -> tuple[VariantConds, list, list, torch.Tensor, torch.Tensor, UNetRows]:
+    """What one pass of ``n`` LoRAs is timed on: the variants' conds, UNet LoRA lists and token maps of the
+    benchmark's prompt, a seeded latent of side ``latent``, the timestep and a row model over the UNet."""
+    conds, unet_loras, token_maps = prepare_clora(setup.model, prompt_for(n), NEGATIVE, setup.concepts(n))
+    x = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0])
+    return conds, unet_loras, token_maps, x, t, UNetRows(setup.model.unet, conds, t, 0.1)
+
+
 def reference_pass(unet: torch.nn.Module, conds: VariantConds, unet_loras: list, token_maps: list, x: torch.Tensor,
                    t: torch.Tensor, hw: tuple[int, int]) -> Callable[[bool], None]:
     """One round of configuration (b) at latent ``x``: its K+1 sequential batch-2 calls with explicit
@@ -100,13 +109,9 @@ def measure(opts: BenchOptions, n: int, repeat: int, log=print) -> dict[str, obj
 
     with tempfile.TemporaryDirectory() as workdir:
         setup = build_setup(BenchOptions(**{**opts.__dict__, "loras": (n,)}), workdir)
-    model, unet = setup.model, setup.model.unet
-    conds, unet_loras, token_maps = prepare_clora(model, prompt_for(n), NEGATIVE, setup.concepts(n))
+    unet = setup.model.unet
+    conds, unet_loras, token_maps, x, t, row_model = pass_inputs(setup, n, opts.latent)
     hw = (opts.latent, opts.latent)
-    x = torch.randn(1, 4, *hw, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([500.0])
-
-    row_model = UNetRows(unet, conds, t, 0.1)
 
     out: dict[str, object] = {"latent": opts.latent, "loras": n, "variants": len(unet_loras)}
     from clora_ext.records import StepRecord
