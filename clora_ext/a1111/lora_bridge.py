@@ -78,10 +78,14 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} cannot be read ({type(e).__name__}: {e}); is the file complete?") from None
     lora = HostLoRA(name, mtime)
     modules = host.network_modules(net)
+    unbuilt: list[str] = []  # layers whose merge fails in the host itself
     if modules:
         names = {id(m): n for n, m in unet_root.named_modules()}
         for module in modules:
-            _check_fits(name, module, model)
+            problem = _check_fits(name, module, model)
+            if problem is not None:  # the host's own merge fails on this layer: the host leaves it out too
+                unbuilt.append(f"{module.key} ({problem})")
+                continue
             if id(module.target) not in names:
                 lora.te_network = net  # a text-encoder module: the host applies it while encoding
                 continue
@@ -93,6 +97,9 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
         _load_with_reader(lora, entry, model)
     if lora.skipped:
         print(f"CLoRA: LoRA {name!r}: {lora.skipped} module(s) on normalisation layers cannot be routed per row and are left out")
+    if unbuilt:
+        print(f"CLoRA: LoRA {name!r}: {len(unbuilt)} layer(s) the host's Lora code cannot apply are left out, as the host "
+              f"leaves them out (first: {unbuilt[0]})")
     if lora.te_network is not None:  # keep only the text-encoder modules the host applies; the UNet's are ours
         unet_ids = {id(m) for m in unet_root.modules()}
         host.keep_network_modules(net, lambda target: id(target) not in unet_ids)
@@ -101,24 +108,25 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
     return lora
 
 
-def _check_fits(name: str, module: host.NetworkModule, model: Any) -> None:
-    """Refuse a LoRA whose layer shapes do not fit the model (another model family); where the factors
-    do not tell the layer's size, the host's own merge of that layer decides."""
+def _check_fits(name: str, module: host.NetworkModule, model: Any) -> str | None:
+    """Refuse a LoRA whose layer shapes do not fit the model (another model family). Where the factors
+    do not tell the layer's size, the host's own merge of that layer is tried: the host's error if it
+    fails (a layer the host cannot apply, e.g. IA3 on a 3x3 conv, is left out by the host too; a file
+    of another family fails on every layer and is then refused for having none that matches)."""
     weight = getattr(module.target, "weight", None)
     if weight is None:
-        return
+        return None
     factors = formats.factor_shape(_factors(module), weight.shape)  # (out, in), without building the delta
-    if factors is not None:
-        fits = factors == (weight.shape[0], weight.shape[1])
-    else:
+    if factors is None:
         try:
             with torch.no_grad():
                 module.updown(weight)
-            fits = True
-        except RuntimeError:
-            fits = False
-    if not fits:
+        except RuntimeError as e:
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None
+    if factors != (weight.shape[0], weight.shape[1]):
         raise made_for_another_family(name, host.model_family(model), module.key, weight.shape, factors)
+    return None
 
 
 def _factors(module: host.NetworkModule) -> formats.Factors:

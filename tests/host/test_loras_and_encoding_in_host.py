@@ -57,6 +57,43 @@ def test_missing_and_wrong_family_loras_are_refused_with_a_message(fake_host, mo
         lora_bridge.load("dog_lora")
 
 
+def test_a_layer_the_hosts_own_code_cannot_apply_is_left_out_as_the_host_does(fake_host, monkeypatch, capsys):
+    """A layer whose size the factors do not tell (IA3, OFT, ...) is tried with the host's own merge; where
+    that fails (LyCORIS' IA3 on a 3x3 conv in real A1111 1.10.1) the host leaves the layer out, and so does
+    CLoRA, with a console note, instead of calling the file one of another model family. A file whose
+    every such layer fails is refused for having no layer that matches."""
+    import dataclasses
+
+    from clora_ext.a1111 import host
+
+    real = host.network_modules
+
+    def failing(module):
+        def updown(weight):
+            raise RuntimeError("The size of tensor a (3) must match the size of tensor b (320)")
+        return dataclasses.replace(module, kind="NetworkModuleIa3", factors={}, plain=False, updown=updown)
+
+    unet_keys = set(lora_bridge.load("dog_lora").unet)
+    lora_bridge._cache.clear()
+    first_unet = {}
+
+    def one_failing(net):
+        modules = real(net)
+        index = next(i for i, m in enumerate(modules) if "unet" in m.key)
+        first_unet["key"] = modules[index].key
+        return [failing(m) if i == index else m for i, m in enumerate(modules)]
+
+    monkeypatch.setattr(host, "network_modules", one_failing)
+    lora = lora_bridge.load("dog_lora")
+    assert len(lora.unet) == len(unet_keys) - 1  # that layer only is left out
+    out = capsys.readouterr().out
+    assert "1 layer(s) the host's Lora code cannot apply are left out" in out and first_unet["key"] in out
+    lora_bridge._cache.clear()
+    monkeypatch.setattr(host, "network_modules", lambda net: [failing(m) for m in real(net)])
+    with pytest.raises(CLoRARuntimeError, match="has no layer that matches the loaded model"):
+        lora_bridge.load("dog_lora")
+
+
 def test_variants_are_encoded_with_their_text_encoder_lora_and_cached(fake_host, monkeypatch):
     composition = Composition.from_concepts([Concept("cat", "cat_lora"), Concept("dog", "dog_lora")])
     plan = plan_variants(composition, ["a cat and a dog"], [""])
