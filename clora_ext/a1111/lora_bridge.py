@@ -104,6 +104,9 @@ def _load(name: str, entry: Any, mtime: float, model: Any) -> HostLoRA:
         unet_ids = {id(m) for m in unet_root.modules()}
         host.keep_network_modules(net, lambda target: id(target) not in unet_ids)
     if not lora.unet and lora.te_network is None and not lora.te_deltas:
+        if unbuilt:
+            raise CLoRARuntimeError(f"CLoRA: LoRA {name!r}: the host's Lora code cannot apply any of its layers "
+                                    f"(first: {unbuilt[0]})")
         raise CLoRARuntimeError(f"CLoRA: LoRA {name!r} has no layer that matches the loaded model")
     return lora
 
@@ -112,7 +115,7 @@ def _check_fits(name: str, module: host.NetworkModule, model: Any) -> str | None
     """Refuse a LoRA whose layer shapes do not fit the model (another model family). Where the factors
     do not tell the layer's size, the host's own merge of that layer is tried: the host's error if it
     fails (a layer the host cannot apply, e.g. IA3 on a 3x3 conv, is left out by the host too; a file
-    of another family fails on every layer and is then refused for having none that matches)."""
+    whose every layer fails is refused with the host's reason)."""
     weight = getattr(module.target, "weight", None)
     if weight is None:
         return None

@@ -61,7 +61,7 @@ def test_a_layer_the_hosts_own_code_cannot_apply_is_left_out_as_the_host_does(fa
     """A layer whose size the factors do not tell (IA3, OFT, ...) is tried with the host's own merge; where
     that fails (LyCORIS' IA3 on a 3x3 conv in real A1111 1.10.1) the host leaves the layer out, and so does
     CLoRA, with a console note, instead of calling the file one of another model family. A file whose
-    every such layer fails is refused for having no layer that matches."""
+    every layer fails so is refused with the host's reason."""
     import dataclasses
 
     from clora_ext.a1111 import host
@@ -90,7 +90,7 @@ def test_a_layer_the_hosts_own_code_cannot_apply_is_left_out_as_the_host_does(fa
     assert "1 layer(s) the host's Lora code cannot apply are left out" in out and first_unet["key"] in out
     lora_bridge._cache.clear()
     monkeypatch.setattr(host, "network_modules", lambda net: [failing(m) for m in real(net)])
-    with pytest.raises(CLoRARuntimeError, match="has no layer that matches the loaded model"):
+    with pytest.raises(CLoRARuntimeError, match="the host's Lora code cannot apply any of its layers .*must match"):
         lora_bridge.load("dog_lora")
 
 
