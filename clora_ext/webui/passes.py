@@ -178,7 +178,7 @@ class Pass:
         deltas = {name: on_device(lora.unet, param.device, param.dtype) for name, lora in self.loras.items()}
         variant_loras = [[LoRAUse(name, deltas[name], weight) for name, weight in lora_set]
                          for lora_set in self.plan.unet_loras]
-        hooks = EngineHooks(on_refine=self._on_refine, interrupted=port.interrupted, warn=generation.warn)
+        hooks = EngineHooks(on_refine=port.refine_progress, interrupted=port.interrupted, warn=generation.warn)
         self.engine = CLoRAEngine(unet, variant_loras, self.token_maps[0][0][1], args.engine_settings(), hooks,
                                   functional_gradient=port.functional_gradient,
                                   max_rows=port.max_rows(self.images * self.plan.n_variants)).open()
@@ -189,9 +189,6 @@ class Pass:
     def _stop_if_interrupted(self, module: Any, args: Any) -> None:
         if self.port.interrupted():
             self.port.raise_interrupted()
-
-    def _on_refine(self, i: int, n: int) -> None:
-        self.port.refine_progress(i, n)
 
     def note_schedule(self, total_steps: int) -> None:
         """The schedule's notes (once per pass, where updates run), for a pass of ``total_steps`` steps."""
